@@ -1,0 +1,138 @@
+"""Local training of one adapter slot: causal-LM loss on the target tokens only.
+
+Logits are computed only at positions that predict a target token, so the 49k-row lm_head is skipped
+on prompt tokens, and batches are bucketed by length to cut padding; both matter on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from client.adapters import ResidentModel
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tokenized training example: prompt tokens followed by target tokens (loss on the latter)."""
+
+    input_ids: tuple[int, ...]
+    prompt_len: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    steps: int
+    examples: int
+    tokens: int
+
+
+def encode_example(tokenizer, prompt: str, target: str, max_len: int) -> Example:
+    """Tokenize prompt + target + EOS; a long prompt loses its oldest tokens, never the target."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target_ids = [*tokenizer(target, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    target_ids = target_ids[: max_len - 1]
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - (max_len - len(target_ids))) :]
+    return Example(tuple(prompt_ids + target_ids), len(prompt_ids))
+
+
+def bucketed_batches(lengths: Sequence[int], batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+    """`steps` batches of indices: shuffled epochs, grouped by length within windows of 8 batches."""
+    rng = random.Random(seed)
+    stream: list[int] = []
+    produced = 0
+    while produced < steps:
+        while len(stream) < batch_size * 8:
+            epoch = list(range(len(lengths)))
+            rng.shuffle(epoch)
+            stream.extend(epoch)
+        window, stream = stream[: batch_size * 8], stream[batch_size * 8 :]
+        window.sort(key=lambda i: lengths[i])
+        chunks = [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
+        rng.shuffle(chunks)
+        for chunk in chunks[: steps - produced]:
+            produced += 1
+            yield chunk
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask, and a mask of the positions whose next token is a target."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    predicts_target = torch.zeros((len(examples), width), dtype=torch.bool)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        attention[row, :n] = 1
+        predicts_target[row, example.prompt_len - 1 : n - 1] = True
+    return ids, attention, predicts_target
+
+
+def target_loss(
+    resident: ResidentModel, ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    causal_lm = resident.peft.base_model.model
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = backbone(input_ids=ids, attention_mask=attention).last_hidden_state
+    logits = causal_lm.get_output_embeddings()(hidden[mask])
+    targets = ids[:, 1:][mask[:, :-1]]
+    return F.cross_entropy(logits.float(), targets)
+
+
+def train_slot(
+    resident: ResidentModel,
+    slot: str,
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    autocast_bf16: bool = False,
+    proximal_mu: float = 0.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train one slot with AdamW for `steps` batches; FedProx adds mu/2 * ||w - w_start||^2."""
+    if not examples or steps < 1:
+        return TrainResult(math.nan, 0, 0, 0)
+    params = resident.trainable(slot)
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    pad_id = resident.tokenizer.pad_token_id
+    resident.peft.train()
+    losses, seen, tokens = [], 0, 0
+    try:
+        for step, batch in enumerate(
+            bucketed_batches([len(e.input_ids) for e in examples], batch_size, steps, seed)
+        ):
+            ids, attention, mask = collate([examples[i] for i in batch], pad_id)
+            autocast = (
+                torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+            )
+            with autocast:
+                loss = target_loss(resident, ids, attention, mask)
+            total = loss
+            if anchor:
+                total = loss + proximal_mu / 2 * sum(
+                    ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
+                )
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            seen += len(batch)
+            tokens += int(attention.sum())
+            if on_step is not None:
+                on_step(step + 1, losses[-1])
+    finally:
+        resident.peft.eval()
+        resident.peft.requires_grad_(False)
+    return TrainResult(sum(losses) / len(losses), len(losses), seen, tokens)

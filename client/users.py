@@ -1,0 +1,163 @@
+"""A node's users: which users it hosts, and their prompts with context, built once per process.
+
+In simulation a partition id picks a block of `users-per-client` users; a deployed node instead
+reads every user in its own data directory. Prompts with retrieval or a profile are built here, on
+the client, so history and profile text never leave it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.benchmark import BenchmarkConfig, make_benchmark
+
+from client.adapters import ResidentModel
+from client.training import Example, encode_example
+from common.config import RunConfig
+from common.data import Dataset, User, load_dataset
+from common.profiles import ProfileCache, generated_profile, summary_profile
+from common.prompts import build_prompt, target_text
+from common.retrieval import HistoryRetriever
+from common.tasks import Task, get_task
+
+
+@functools.lru_cache(maxsize=4)
+def _load(data: str, task: str, bench: BenchmarkConfig | None, max_users: int) -> Dataset:
+    dataset = make_benchmark(bench) if bench is not None else load_dataset(data, task or None)
+    if max_users > 0:
+        dataset.users = dataset.users[:max_users]
+    return dataset
+
+
+def load_data(config: RunConfig, data_path: str | None = None) -> Dataset:
+    """The run's data set; cached, since every round and method of a run reads the same users."""
+    data = data_path or config.data
+    bench = None
+    if data == "builtin":
+        bench = BenchmarkConfig(
+            task=config.task,
+            num_users=config.benchmark_users,
+            min_history=config.benchmark_min_history,
+            max_history=config.benchmark_max_history,
+            queries_per_user=config.benchmark_queries,
+            personal_strength=config.benchmark_personal_strength,
+            seed=config.seed,
+        )
+    return _load(data, config.task, bench, config.max_users)
+
+
+def num_partitions(num_users: int, users_per_client: int) -> int:
+    return math.ceil(num_users / users_per_client)
+
+
+def partition(users: list[User], partition_id: int, users_per_client: int) -> list[User]:
+    return users[partition_id * users_per_client : (partition_id + 1) * users_per_client]
+
+
+@dataclass
+class UserContext:
+    """One user's prompts under each context setting, memoized for the life of the process."""
+
+    task: Task
+    user: User
+    config: RunConfig
+    profiles: ProfileCache
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def retriever(self) -> HistoryRetriever:
+        return HistoryRetriever(self.task, self.user.history)
+
+    def profile_text(self, resident: ResidentModel) -> str:
+        mode = self.config.profile
+        if mode == "summary":
+            return self.profiles.get_or_build(self.user.user_id, mode, self.user.history, self._summary)
+        with resident.peft.disable_adapter():
+            return self.profiles.get_or_build(
+                self.user.user_id,
+                mode,
+                self.user.history,
+                lambda: generated_profile(self.task, self.user.history, resident.peft, resident.tokenizer),
+            )
+
+    def _summary(self) -> str:
+        return summary_profile(self.task, self.user.history)
+
+    def _prompt(self, text: str, retrieved, profile: str | None, tokenizer) -> str:
+        return build_prompt(
+            self.task,
+            text,
+            retrieved=retrieved,
+            profile=profile,
+            tokenizer=tokenizer,
+            max_item_tokens=self.config.max_item_tokens,
+            max_context_tokens=self.config.max_context_tokens,
+        )
+
+    def examples(self, resident: ResidentModel, *, rag: bool, profile: bool) -> list[Example]:
+        """History items as training examples; with RAG, item i only retrieves items before it."""
+        key = ("examples", rag, profile)
+        if key not in self._cache:
+            profile_text = self.profile_text(resident) if profile else None
+            tokenizer = resident.tokenizer
+            self._cache[key] = [
+                encode_example(
+                    tokenizer,
+                    self._prompt(
+                        item.input,
+                        self.retriever.top_k(item.input, self.config.rag_k, before=i) if rag else (),
+                        profile_text,
+                        tokenizer,
+                    ),
+                    target_text(self.task, item),
+                    self.config.max_seq_len,
+                )
+                for i, item in enumerate(self.user.history)
+            ]
+        return self._cache[key]
+
+    def queries(self):
+        limit = self.config.max_queries_per_user
+        return self.user.queries[:limit] if limit > 0 else self.user.queries
+
+    def query_prompts(self, resident: ResidentModel, *, rag: bool, profile: bool) -> list[str]:
+        key = ("queries", rag, profile)
+        if key not in self._cache:
+            profile_text = self.profile_text(resident) if profile else None
+            self._cache[key] = [
+                self._prompt(
+                    q.input,
+                    self.retriever.top_k(q.input, self.config.rag_k) if rag else (),
+                    profile_text,
+                    resident.tokenizer,
+                )
+                for q in self.queries()
+            ]
+        return self._cache[key]
+
+
+@dataclass
+class NodeUsers:
+    task: Task
+    contexts: list[UserContext]
+    state_dir: Path
+
+
+def node_users(config: RunConfig, node_config: dict, run_dir: str) -> NodeUsers:
+    """The users this node hosts, from its node config (deployment) or its partition id (simulation)."""
+    data_path = node_config.get("data-path")
+    dataset = load_data(config, str(data_path) if data_path else None)
+    if data_path:
+        users = dataset.users
+        state_dir = Path(str(node_config.get("state-dir") or Path(str(data_path)) / ".fedoppu"))
+    else:
+        pid = int(node_config.get("partition-id", 0))
+        users = partition(dataset.users, pid, config.users_per_client)
+        root = Path(config.state_dir) if config.state_dir else Path(run_dir) / "clients"
+        state_dir = root / f"partition-{pid}"
+    task = get_task(dataset.task)
+    profiles = ProfileCache(state_dir / "profiles")
+    return NodeUsers(task, [UserContext(task, u, config, profiles) for u in users], state_dir)

@@ -1,0 +1,199 @@
+"""The run config: one typed view of `[tool.flwr.app.config]`, validated once.
+
+The defaults live only in pyproject.toml; this module checks types and allowed values so a typo in
+`--set` or in a config file fails before any model is loaded, naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from common.methods import METHODS as _METHODS
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg")
+PROFILE_MODES = ("summary", "generated")
+PEFT_TYPES = ("lora", "dora")
+WIRE_DTYPES = ("fp32", "fp16")
+METHODS = tuple(_METHODS)
+_CHOICES = {
+    "strategy": STRATEGIES,
+    "profile": PROFILE_MODES,
+    "peft_type": PEFT_TYPES,
+    "wire_dtype": WIRE_DTYPES,
+    "dtype": ("fp32", "bf16"),
+}
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown, missing or has a value of the wrong type or range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    dtype: str
+    autocast_bf16: bool
+    data: str
+    task: str
+    benchmark_users: int
+    benchmark_min_history: int
+    benchmark_max_history: int
+    benchmark_queries: int
+    benchmark_personal_strength: float
+    max_users: int
+    users_per_client: int
+    seed: int
+    num_rounds: int
+    fraction_train: float
+    strategy: str
+    proximal_mu: float
+    server_learning_rate: float
+    server_momentum: float
+    trim_beta: float
+    peft_type: str
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: str
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    wire_dtype: str
+    personal_epochs: float
+    personal_learning_rate: float
+    rag_k: int
+    profile: str
+    max_item_tokens: int
+    max_context_tokens: int
+    max_seq_len: int
+    max_queries_per_user: int
+    eval_every_round: bool
+    methods: str
+    run_dir: str
+    state_dir: str
+    resume: bool
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "run config") -> RunConfig:
+        """Build from Flower's flat, hyphenated run config (or any mapping with the same keys)."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        missing = sorted(set(known) - set(values))
+        if missing:
+            raise ConfigError(f"{source}: missing key(s) {missing}")
+        kwargs = {f.name: _coerce(key, values[key], f.type, source) for key, f in known.items()}
+        config = cls(**kwargs)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "run config") -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{source}: {_key(name)} = {getattr(self, name)!r}; expected one of {allowed}"
+                )
+        for name in self.method_list:
+            if name not in METHODS:
+                raise ConfigError(f"{source}: methods has {name!r}; expected a comma list of {METHODS}")
+        positive = ("num_rounds", "lora_r", "lora_alpha", "local_steps", "batch_size", "users_per_client")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{source}: {_key(name)} = {getattr(self, name)}; expected an integer >= 1")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"{source}: fraction-train = {self.fraction_train}; expected 0 < value <= 1")
+        if not 0.0 <= self.benchmark_personal_strength <= 1.0:
+            raise ConfigError(
+                f"{source}: benchmark-personal-strength = {self.benchmark_personal_strength}; expected 0..1"
+            )
+        if self.personal_epochs < 0:
+            raise ConfigError(f"{source}: personal-epochs = {self.personal_epochs}; expected >= 0")
+        if self.rag_k < 1 and any(_METHODS[name].rag for name in self.method_list):
+            raise ConfigError(
+                f"{source}: rag-k = {self.rag_k}, but methods {self.methods!r} retrieve; expected >= 1"
+            )
+
+    @property
+    def method_list(self) -> list[str]:
+        return [name.strip() for name in self.methods.split(",") if name.strip()]
+
+    @property
+    def target_module_list(self) -> list[str]:
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+    def to_flower(self) -> dict[str, Any]:
+        """The flat, hyphenated form Flower's run config uses."""
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, annotation: str, source: str) -> Any:
+    expected = {"int": int, "float": float, "bool": bool, "str": str}[annotation]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} = {value!r} ({type(value).__name__}); expected {annotation}")
+    return value
+
+
+def default_config_values() -> dict[str, Any]:
+    """The defaults, read from the app's pyproject.toml (the single source of truth)."""
+    with open(PROJECT_DIR / "pyproject.toml", "rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `key=value` override with TOML value syntax; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load_run_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults from pyproject, then a TOML file of overrides, then `key=value` overrides."""
+    values = default_config_values()
+    source = "run config"
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            with open(path, "rb") as handle:
+                table = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read config file: {err}") from err
+        table = table.get("tool", {}).get("flwr", {}).get("app", {}).get("config", table)
+        _check_known(table, values, str(path))
+        values.update(table)
+        source = str(path)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _check_known({key: value}, values, "--set")
+        values[key] = value
+    return RunConfig.from_mapping(values, source)
+
+
+def _check_known(new: Mapping[str, Any], known: Mapping[str, Any], source: str) -> None:
+    unknown = sorted(set(new) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")

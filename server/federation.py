@@ -1,0 +1,169 @@
+"""The ServerApp's work: federated rounds for the shared adapter, then personalization and evaluation.
+
+Evaluation is driven here rather than by the strategy so each method is scored per user from exact
+metric counts; per-round evaluation of the shared adapter runs inside the strategy's evaluate_fn,
+which is also where every round's checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from client.adapters import SHARED, AdapterSpec
+from client.client_app import resident_model
+from common.config import RunConfig
+from common.methods import METHODS
+from common.tasks import get_task
+from server.checkpoints import CheckpointStore
+from server.results import Evaluation, RunRecorder
+from server.strategy import build_strategy
+
+StateDict = dict[str, torch.Tensor]
+
+
+class ClientFailure(RuntimeError):
+    """A node replied with an error instead of a result."""
+
+
+class Federation:
+    def __init__(self, grid: Grid, config: RunConfig) -> None:
+        self.grid = grid
+        self.config = config
+        self.task = get_task(config.task)
+        self.spec = AdapterSpec.from_config(config)
+        self.checkpoints = CheckpointStore(config.run_dir)
+        self.recorder = RunRecorder(config.run_dir, self.task, resume=config.resume)
+        self.node_ids = sorted(grid.get_node_ids())
+
+    # -- messaging ---------------------------------------------------------------------------------
+    def broadcast(
+        self, message_type: str, method: str | None, shared: StateDict | None, label: str
+    ) -> list[Message]:
+        """Send one message per node and collect every reply, showing progress as nodes finish."""
+        content = RecordDict({"config": ConfigRecord({"method": method or ""})})
+        if shared is not None:
+            content["arrays"] = ArrayRecord({k: v.float() for k, v in shared.items()})
+        messages = [Message(content, dst_node_id=n, message_type=message_type) for n in self.node_ids]
+        pending = set(self.grid.push_messages(messages))
+        replies: list[Message] = []
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, transient=True) as progress:
+            bar = progress.add_task(f"{label} ({len(messages)} clients)", total=len(messages))
+            while pending:
+                for reply in self.grid.pull_messages(list(pending)):
+                    pending.discard(reply.metadata.reply_to_message_id)
+                    replies.append(reply)
+                    progress.advance(bar)
+                if pending:
+                    time.sleep(0.2)
+        errors = [r.error.reason for r in replies if r.has_error()]
+        if errors:
+            raise ClientFailure(f"{label}: {len(errors)} client(s) failed; first error: {errors[0]}")
+        return replies
+
+    def evaluate(self, method: str, shared: StateDict | None, label: str | None = None) -> Evaluation:
+        replies = self.broadcast("evaluate", method, shared, label or f"evaluating {method}")
+        counts = {
+            name.removeprefix("user:"): dict(record)
+            for reply in replies
+            for name, record in reply.content.metric_records.items()
+            if name.startswith("user:")
+        }
+        return Evaluation.from_user_counts(self.task, counts)
+
+    def evaluate_method(self, method: str, shared: StateDict | None) -> None:
+        started = time.perf_counter()
+        evaluation = self.evaluate(method, shared)
+        self.recorder.method(method, evaluation, time.perf_counter() - started)
+
+    def personalize(self, method: str, shared: StateDict | None) -> None:
+        started = time.perf_counter()
+        replies = self.broadcast("train.personalize", method, shared, f"personalizing users for {method}")
+        records = [dict(r.content["metrics"]) for r in replies]
+        summary = {
+            key: sum(r.get(key, 0) for r in records) for key in ("num-users", "users-trained", "users-reused")
+        }
+        losses = [r["personal-loss"] for r in records if "personal-loss" in r]
+        if losses:
+            summary["personal-loss"] = sum(losses) / len(losses)
+        summary["seconds"] = time.perf_counter() - started
+        self.recorder.personalize(method, summary)
+
+    # -- stage 1 -----------------------------------------------------------------------------------
+    def initial_shared(self) -> tuple[int, StateDict]:
+        if self.config.resume and (latest := self.checkpoints.latest()) is not None:
+            return latest
+        resident = resident_model(self.config.model, self.config.dtype, self.spec)
+        return 0, resident.fresh(SHARED, seed=self.config.seed)
+
+    def federate(self) -> StateDict:
+        """Run the remaining rounds; every round is checkpointed and (optionally) evaluated."""
+        config = self.config
+        start_round, state = self.initial_shared()
+        if start_round >= config.num_rounds:
+            return state
+        train_metrics: list[dict[str, float]] = []
+
+        def aggregate_train(records: list[RecordDict], weighting: str) -> MetricRecord:
+            aggregated = aggregate_metricrecords(records, weighting)
+            train_metrics.append({**dict(aggregated), "clients": len(records)})
+            return aggregated
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> None:
+            current = start_round + server_round
+            if server_round == 0 and start_round > 0:
+                return None  # that round was evaluated before the run was interrupted
+            weights = arrays.to_torch_state_dict()
+            if server_round > 0:
+                self.checkpoints.save(current, weights, self.spec.peft_config())
+            final = current == config.num_rounds
+            zero_shot_here = current == 0 and "zero-shot" in config.method_list
+            evaluation = None
+            if config.eval_every_round or final or zero_shot_here:
+                started = time.perf_counter()
+                evaluation = self.evaluate(
+                    "shared", weights, f"round {current}/{config.num_rounds}: evaluating"
+                )
+                if zero_shot_here:  # the initial adapter is the identity: this is the bare base model
+                    self.recorder.method("zero-shot", evaluation, time.perf_counter() - started)
+                if final:
+                    self.recorder.method("shared", evaluation, time.perf_counter() - started)
+            self.recorder.round(current, train_metrics[-1] if server_round > 0 else None, evaluation)
+            return None
+
+        strategy = build_strategy(config, len(self.node_ids))
+        strategy.train_metrics_aggr_fn = aggregate_train
+        result = strategy.start(
+            self.grid,
+            ArrayRecord({k: v.float() for k, v in state.items()}),
+            num_rounds=config.num_rounds - start_round,
+            train_config=ConfigRecord({"round-offset": start_round}),
+            evaluate_fn=evaluate_fn,
+        )
+        return {k: v.float() for k, v in result.arrays.to_torch_state_dict().items()}
+
+    # -- the whole run -----------------------------------------------------------------------------
+    def run(self, methods: Iterable[str]) -> None:
+        methods = list(methods)
+        random.seed(self.config.seed)  # Flower samples clients with the global `random`
+        needs_shared = any(METHODS[m].shared for m in methods)
+        done = set(self.recorder.data["methods"]) if self.config.resume else set()
+        for name in ("zero-shot", "rag"):
+            if name in methods and name not in done and not (name == "zero-shot" and needs_shared):
+                self.evaluate_method(name, None)
+        shared = self.federate() if needs_shared else None
+        for name in methods:
+            method = METHODS[name]
+            if method.personal:
+                base = shared if method.shared else None
+                self.personalize(name, base)
+                self.evaluate_method(name, base)
+        self.recorder.finish()

@@ -1,0 +1,83 @@
+"""The run's results file, rewritten atomically after every phase so a crash loses nothing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.io import atomic_write_json, read_json
+from common.metrics import merge_counts, metrics_from_counts
+from common.tasks import Task
+
+
+@dataclass
+class Evaluation:
+    """One method's answers scored: exact metrics over all users and per user, from their counts."""
+
+    overall: dict[str, float]
+    users: dict[str, dict[str, float]]
+    history: dict[str, int]
+
+    @classmethod
+    def from_user_counts(cls, task: Task, counts: dict[str, dict[str, float]]) -> Evaluation:
+        history = {uid: int(c.pop("history", 0)) for uid, c in counts.items()}
+        users = {uid: metrics_from_counts(task, c) for uid, c in sorted(counts.items())}
+        overall = metrics_from_counts(task, merge_counts(*counts.values())) if counts else {"n": 0}
+        return cls(overall, users, history)
+
+
+class RunRecorder:
+    """metrics.json: per method (overall and per user), per round, and per personalization phase."""
+
+    def __init__(self, run_dir: str | Path, task: Task, resume: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.json"
+        if resume and self.path.exists():
+            self.data: dict[str, Any] = read_json(self.path)
+            self.data["status"] = "running"
+        else:
+            self.data = {
+                "task": task.name,
+                "primary_metric": task.primary_metric,
+                "higher_is_better": task.higher_is_better,
+                "status": "running",
+                "started": time.time(),
+                "methods": {},
+                "rounds": [],
+                "personalize": {},
+                "history": {},
+            }
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def method(self, name: str, evaluation: Evaluation, seconds: float) -> None:
+        self.data["methods"][name] = {
+            "overall": evaluation.overall,
+            "users": evaluation.users,
+            "seconds": seconds,
+        }
+        self.data["history"].update(evaluation.history)
+        self.save()
+
+    def round(self, server_round: int, train: dict[str, float] | None, evaluation: Evaluation | None) -> None:
+        rounds = [r for r in self.data["rounds"] if r["round"] != server_round]
+        entry: dict[str, Any] = {"round": server_round}
+        if train is not None:
+            entry["train"] = train
+        if evaluation is not None:
+            entry["eval"] = evaluation.overall
+            entry["users"] = evaluation.users
+            self.data["history"].update(evaluation.history)
+        self.data["rounds"] = sorted([*rounds, entry], key=lambda r: r["round"])
+        self.save()
+
+    def personalize(self, name: str, metrics: dict[str, float]) -> None:
+        self.data["personalize"][name] = metrics
+        self.save()
+
+    def finish(self, status: str = "complete", **extra: Any) -> None:
+        self.data.update(status=status, finished=time.time(), **extra)
+        self.save()
