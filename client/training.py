@@ -44,22 +44,23 @@ def encode_example(tokenizer, prompt: str, target: str, max_len: int) -> Example
 
 
 def bucketed_batches(lengths: Sequence[int], batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
-    """`steps` batches of indices: shuffled epochs, grouped by length within windows of 8 batches."""
+    """`steps` batches of indices over shuffled epochs; within windows of 8 batches of one epoch,
+    examples of similar length are batched together."""
     rng = random.Random(seed)
-    stream: list[int] = []
     produced = 0
-    while produced < steps:
-        while len(stream) < batch_size * 8:
-            epoch = list(range(len(lengths)))
-            rng.shuffle(epoch)
-            stream.extend(epoch)
-        window, stream = stream[: batch_size * 8], stream[batch_size * 8 :]
-        window.sort(key=lambda i: lengths[i])
-        chunks = [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
-        rng.shuffle(chunks)
-        for chunk in chunks[: steps - produced]:
-            produced += 1
-            yield chunk
+    window = batch_size * 8
+    while True:
+        epoch = list(range(len(lengths)))
+        rng.shuffle(epoch)
+        for start in range(0, len(epoch), window):
+            chunk = sorted(epoch[start : start + window], key=lambda i: lengths[i])
+            batches = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+            rng.shuffle(batches)
+            for batch in batches:
+                if produced == steps:
+                    return
+                produced += 1
+                yield batch
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

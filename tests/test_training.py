@@ -1,0 +1,76 @@
+import math
+
+import torch
+
+from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel
+from client.inference import generate_answers
+from client.training import bucketed_batches, collate, encode_example, target_loss, train_slot
+
+
+def test_encode_keeps_the_target_and_cuts_the_oldest_prompt_tokens(tokenizer):
+    example = encode_example(tokenizer, "word " * 50, " comedy", max_len=16)
+    target = tokenizer(" comedy", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(example.input_ids) == 16
+    assert list(example.input_ids[example.prompt_len :]) == target
+
+
+def test_target_only_loss_equals_the_full_masked_loss(tiny_model):
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, AdapterSpec())
+    examples = [
+        encode_example(tokenizer, p, t, 64)
+        for p, t in [("a short prompt:", " yes"), ("longer prompt here is:", " no way")]
+    ]
+    ids, attention, mask = collate(examples, tokenizer.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:][mask[:, :-1]] = ids[:, 1:][mask[:, :-1]]
+    with torch.no_grad():
+        full = resident.peft(input_ids=ids, attention_mask=attention, labels=labels).loss
+        ours = target_loss(resident, ids, attention, mask)
+    assert torch.allclose(full, ours, atol=1e-5)
+
+
+def test_bucketed_batches_cover_every_example_each_epoch():
+    lengths = [5, 50, 7, 48, 6, 49, 8, 51]
+    batches = list(bucketed_batches(lengths, batch_size=2, steps=8, seed=0))
+    assert len(batches) == 8
+    flat = [i for b in batches[:4] for i in b]
+    assert sorted(flat) == list(range(8))
+    assert max(abs(lengths[a] - lengths[b]) for a, b in batches[:4]) < 5  # grouped by length
+
+
+def test_training_lowers_the_loss_and_touches_only_its_slot(tiny_model):
+    model, tokenizer = tiny_model
+    resident = ResidentModel(
+        model, tokenizer, AdapterSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj"))
+    )
+    shared_before = {k: v.clone() for k, v in resident.state(SHARED).items()}
+    examples = [encode_example(tokenizer, f"item {i} tag:", " comedy", 32) for i in range(8)]
+    resident.load(PERSONAL, resident.fresh(PERSONAL, 0))
+    resident.use(personal=True)
+    first = train_slot(resident, PERSONAL, examples, steps=1, batch_size=4, learning_rate=0.0, seed=0)
+    result = train_slot(resident, PERSONAL, examples, steps=60, batch_size=4, learning_rate=0.05, seed=0)
+    assert result.steps == 60 and result.examples == 240 and math.isfinite(result.loss)
+    last = train_slot(resident, PERSONAL, examples, steps=1, batch_size=4, learning_rate=0.0, seed=0)
+    assert last.loss < first.loss - 0.4  # a random 2-layer model learns slowly, but it must learn
+    assert all(torch.equal(shared_before[k], v) for k, v in resident.state(SHARED).items())
+    answers = generate_answers(
+        resident, ["item 3 tag:", "item 99 tag: x y"], max_new_tokens=3, max_prompt_tokens=32
+    )
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_fedprox_term_keeps_weights_closer_to_the_start(tiny_model):
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, AdapterSpec())
+    examples = [encode_example(tokenizer, f"q{i}:", " answer", 32) for i in range(4)]
+    start = resident.fresh(SHARED, 0)
+
+    def drift(mu):
+        resident.load(SHARED, start)
+        train_slot(
+            resident, SHARED, examples, steps=15, batch_size=2, learning_rate=0.02, seed=1, proximal_mu=mu
+        )
+        return sum(((resident.state(SHARED)[k] - start[k]) ** 2).sum() for k in start)
+
+    assert drift(50.0) < drift(0.0)
