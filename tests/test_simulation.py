@@ -110,3 +110,15 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
     assert (run_dir / "checkpoints" / "round-0002").exists()
     assert read_json(run_dir / "checkpoints" / "latest.json")["round"] == 2
+
+
+def test_the_same_seed_gives_the_same_numbers(tiny_model_dir, finished_run, tmp_path):
+    first_dir, _ = finished_run
+    again = tmp_path / "again"
+    simulate(_config(tiny_model_dir, again, methods='"shared,oppu"'), centralized=False)
+    first, second = read_json(first_dir / "metrics.json"), read_json(again / "metrics.json")
+    assert [r["train"] for r in first["rounds"][1:]] != []
+    for a, b in zip(first["rounds"][1:], second["rounds"][1:], strict=True):
+        assert a["train"]["train-loss"] == b["train"]["train-loss"]
+    assert first["personalize"]["oppu"]["personal-loss"] == second["personalize"]["oppu"]["personal-loss"]
+    assert first["methods"]["oppu"]["users"] == second["methods"]["oppu"]["users"]
