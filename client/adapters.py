@@ -7,10 +7,11 @@ one adapter per user. Both slots are active together: output = base + shared del
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from common.config import RunConfig
 
 SHARED = "shared"
 PERSONAL = "personal"
+ANSWER = "answer-{}"
 StateDict = dict[str, torch.Tensor]
 
 
@@ -54,6 +56,10 @@ class AdapterSpec:
             task_type="CAUSAL_LM",
         )
 
+    def answer_config(self) -> LoraConfig:
+        """Shared and personal concatenated: rank 2r with alpha 2*alpha keeps the same alpha/r scale."""
+        return dataclasses.replace(self, r=2 * self.r, alpha=2 * self.alpha).peft_config()
+
 
 class ResidentModel:
     """Base model + `shared` and `personal` adapter slots, created once per process."""
@@ -66,6 +72,7 @@ class ResidentModel:
             self.peft: PeftModel = get_peft_model(model, spec.peft_config(), adapter_name=SHARED)
         self.peft.add_adapter(PERSONAL, spec.peft_config())
         self._identity = {slot: _clone(self.state(slot)) for slot in (SHARED, PERSONAL)}
+        self.peft.eval()  # training switches to train mode only for its own steps
         self.use(personal=False)
 
     def state(self, slot: str) -> StateDict:
@@ -99,6 +106,31 @@ class ResidentModel:
                 bound = 1.0 / math.sqrt(tensor.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound
                 tensor.uniform_(-bound, bound, generator=generator)
         return state
+
+    def answer_slots(self, personal_states: Sequence[Mapping[str, torch.Tensor] | None]) -> list[str]:
+        """Load shared + each user's personal adapter into rank-2r answer slots, one per user.
+
+        A LoRA sum B_s A_s + B_p A_p equals one LoRA with A = [A_s; A_p] and B = [B_s, B_p], so each
+        row of a mixed batch (`generate(adapter_names=...)`) can use its own user's pair at once.
+        The slots are created once and then refilled by weight copy, like the training slots.
+        """
+        if self.spec.peft_type != "lora":
+            raise ValueError("mixed-adapter answering needs plain LoRA (DoRA adapters do not concatenate)")
+        shared = self.state(SHARED)
+        names = []
+        for index, personal in enumerate(personal_states):
+            name = ANSWER.format(index)
+            if name not in self.peft.peft_config:
+                self.peft.add_adapter(name, self.spec.answer_config())
+            personal = self._identity[PERSONAL] if personal is None else personal
+            combined = {
+                key: torch.cat([tensor, personal[key].to(tensor.dtype)], dim=0 if "lora_A" in key else 1)
+                for key, tensor in shared.items()
+            }
+            set_peft_model_state_dict(self.peft, combined, adapter_name=name)
+            names.append(name)
+        self.peft.requires_grad_(False)
+        return names
 
     def use(self, personal: bool) -> None:
         """Activate the shared slot alone or shared + personal; nothing is trainable until train()."""

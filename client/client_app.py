@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel, state_digest
-from client.inference import generate_answers
+from client.inference import answer_users
 from client.mods import audit_mod, privacy_guard_mod
 from client.store import PersonalAdapterStore
 from client.training import train_slot
@@ -81,6 +81,7 @@ def build_client_app(mods=()) -> ClientApp:
             examples,
             steps=config.local_steps,
             batch_size=config.batch_size,
+            micro_batch_size=config.micro_batch_size,
             learning_rate=config.learning_rate,
             seed=config.seed * 100_003 + server_round * 7_919 + pid,
             autocast_bf16=config.autocast_bf16,
@@ -129,6 +130,7 @@ def build_client_app(mods=()) -> ClientApp:
                 examples,
                 steps=math.ceil(len(examples) * config.personal_epochs / config.batch_size),
                 batch_size=config.batch_size,
+                micro_batch_size=config.micro_batch_size,
                 learning_rate=config.personal_learning_rate,
                 seed=seed,
                 autocast_bf16=config.autocast_bf16,
@@ -158,27 +160,22 @@ def build_client_app(mods=()) -> ClientApp:
         config, resident, node = setup(msg, context)
         method = _method(msg)
         resident.load(SHARED, shared_from(msg) if method.shared else None)
-        store = PersonalAdapterStore(node.state_dir)
+        personal = None
+        if method.personal:
+            store = PersonalAdapterStore(node.state_dir)
+            personal = [_stored_personal(store, method, ctx.user.user_id) for ctx in node.contexts]
+        answers = answer_users(
+            resident,
+            [ctx.query_prompts(resident, rag=method.rag, profile=method.profile) for ctx in node.contexts],
+            personal,
+            max_new_tokens=node.task.max_new_tokens,
+            max_prompt_tokens=config.max_seq_len,
+            autocast_bf16=config.autocast_bf16,
+        )
         replies: dict[str, MetricRecord] = {}
         user_counts: list[dict[str, float]] = []
-        for ctx in node.contexts:
-            if method.personal:
-                stored = store.load(method.name, ctx.user.user_id)
-                if stored is None:
-                    raise RuntimeError(
-                        f"no valid personal adapter '{method.name}' for user {ctx.user.user_id} in "
-                        f"{store.root}: personalize before evaluating"
-                    )
-                resident.load(PERSONAL, stored[1])
-            resident.use(personal=method.personal)
-            answers = generate_answers(
-                resident,
-                ctx.query_prompts(resident, rag=method.rag, profile=method.profile),
-                max_new_tokens=node.task.max_new_tokens,
-                max_prompt_tokens=config.max_seq_len,
-                autocast_bf16=config.autocast_bf16,
-            )
-            counts = metric_counts(node.task, answers, [q.output for q in ctx.queries()])
+        for ctx, user_answers in zip(node.contexts, answers, strict=True):
+            counts = metric_counts(node.task, user_answers, [q.output for q in ctx.queries()])
             user_counts.append(counts)
             replies[f"user:{ctx.user.user_id}"] = MetricRecord({**counts, "history": len(ctx.user.history)})
         total = merge_counts(*user_counts) if user_counts else {"n": 0}
@@ -186,6 +183,15 @@ def build_client_app(mods=()) -> ClientApp:
         return Message(RecordDict(replies), reply_to=msg)
 
     return app
+
+
+def _stored_personal(store: PersonalAdapterStore, method: Method, user_id: str) -> dict[str, torch.Tensor]:
+    stored = store.load(method.name, user_id)
+    if stored is None:
+        raise RuntimeError(
+            f"no valid personal adapter '{method.name}' for user {user_id} in {store.root}: personalize before evaluating"
+        )
+    return stored[1]
 
 
 def _method(msg: Message) -> Method:

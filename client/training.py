@@ -88,6 +88,26 @@ def target_loss(
     return F.cross_entropy(logits.float(), targets)
 
 
+def _accumulate(
+    resident: ResidentModel, batch: Sequence[Example], micro_batch_size: int, autocast_bf16: bool
+) -> tuple[float, int]:
+    """Backward over micro-batches; each one's loss is weighted by its share of the batch's target
+    tokens, so the gradient equals that of the whole batch. Returns (mean loss, tokens)."""
+    size = micro_batch_size or len(batch)
+    micro = [batch[i : i + size] for i in range(0, len(batch), size)]
+    targets = [sum(len(e.input_ids) - e.prompt_len for e in m) for m in micro]
+    total_loss, tokens = 0.0, 0
+    for part, weight in zip(micro, targets, strict=True):
+        ids, attention, mask = collate(part, resident.tokenizer.pad_token_id)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = target_loss(resident, ids, attention, mask) * (weight / sum(targets))
+        loss.backward()
+        total_loss += loss.item()
+        tokens += int(attention.sum())
+    return total_loss, tokens
+
+
 def train_slot(
     resident: ResidentModel,
     slot: str,
@@ -97,6 +117,7 @@ def train_slot(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    micro_batch_size: int = 0,
     autocast_bf16: bool = False,
     proximal_mu: float = 0.0,
     on_step: Callable[[int, float], None] | None = None,
@@ -107,30 +128,23 @@ def train_slot(
     params = resident.trainable(slot)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    pad_id = resident.tokenizer.pad_token_id
     resident.peft.train()
     losses, seen, tokens = [], 0, 0
     try:
         for step, batch in enumerate(
             bucketed_batches([len(e.input_ids) for e in examples], batch_size, steps, seed)
         ):
-            ids, attention, mask = collate([examples[i] for i in batch], pad_id)
-            autocast = (
-                torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
-            )
-            with autocast:
-                loss = target_loss(resident, ids, attention, mask)
-            total = loss
-            if anchor:
-                total = loss + proximal_mu / 2 * sum(
-                    ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
-                )
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            loss, batch_tokens = _accumulate(
+                resident, [examples[i] for i in batch], micro_batch_size, autocast_bf16
+            )
+            if anchor:
+                proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                (proximal_mu / 2 * proximal).backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss)
             seen += len(batch)
-            tokens += int(attention.sum())
+            tokens += batch_tokens
             if on_step is not None:
                 on_step(step + 1, losses[-1])
     finally:

@@ -65,6 +65,7 @@ class RunConfig:
     target_modules: str
     local_steps: int
     batch_size: int
+    micro_batch_size: int
     learning_rate: float
     wire_dtype: str
     personal_epochs: float
@@ -109,6 +110,10 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {_key(name)} = {getattr(self, name)}; expected an integer >= 1")
+        if self.micro_batch_size < 0:
+            raise ConfigError(
+                f"{source}: micro-batch-size = {self.micro_batch_size}; expected >= 0 (0 = batch-size)"
+            )
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"{source}: fraction-train = {self.fraction_train}; expected 0 < value <= 1")
         if not 0.0 <= self.benchmark_personal_strength <= 1.0:

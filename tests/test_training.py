@@ -3,7 +3,7 @@ import math
 import torch
 
 from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel
-from client.inference import generate_answers
+from client.inference import answer_users, generate_answers
 from client.training import bucketed_batches, collate, encode_example, target_loss, train_slot
 
 
@@ -74,3 +74,86 @@ def test_fedprox_term_keeps_weights_closer_to_the_start(tiny_model):
         return sum(((resident.state(SHARED)[k] - start[k]) ** 2).sum() for k in start)
 
     assert drift(50.0) < drift(0.0)
+
+
+def test_mixed_adapter_batches_answer_exactly_like_one_user_at_a_time(tiny_model):
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, AdapterSpec())
+    generator = torch.Generator().manual_seed(0)
+
+    def adapter(slot, seed):
+        state = resident.fresh(slot, seed)
+        return {
+            k: torch.randn(v.shape, generator=generator) * 0.3 if "lora_B" in k else v
+            for k, v in state.items()
+        }
+
+    resident.load(SHARED, adapter(SHARED, 1))
+    personals = [adapter(PERSONAL, 10 + i) for i in range(3)] + [None]
+    prompts = [
+        [f"user {u} asks question {q} about films:" + " and more" * (u + q) for q in range(3)]
+        for u in range(4)
+    ]
+    options = {"max_new_tokens": 6, "max_prompt_tokens": 64}
+    mixed = answer_users(resident, prompts, personals, users_per_batch=3, batch_size=5, **options)
+    one_by_one = []
+    for user_prompts, state in zip(prompts, personals, strict=True):
+        resident.load(PERSONAL, state)
+        resident.use(personal=True)
+        one_by_one.append([generate_answers(resident, [p], **options)[0] for p in user_prompts])
+    assert mixed == one_by_one
+    assert len({tuple(a) for a in mixed}) > 1  # the users' adapters really differ
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_model):
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, AdapterSpec())
+    examples = [encode_example(tokenizer, "prompt " * (i + 1), " target" * (1 + i % 3), 64) for i in range(6)]
+    start = _with_random_b(resident.fresh(SHARED, 0))
+    results = []
+    for micro in (0, 1, 4):
+        resident.load(SHARED, start)
+        run = train_slot(
+            resident,
+            SHARED,
+            examples,
+            steps=2,
+            batch_size=6,
+            learning_rate=0.01,
+            seed=0,
+            micro_batch_size=micro,
+        )
+        results.append((run.loss, resident.state(SHARED)))
+    for loss, state in results[1:]:
+        assert abs(loss - results[0][0]) < 1e-4
+        assert all(torch.allclose(state[k], results[0][1][k], atol=1e-6) for k in state)
+
+
+def test_bf16_autocast_loss_tracks_fp32(tiny_model):
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, AdapterSpec())
+    examples = [encode_example(tokenizer, f"question {i}:", " an answer", 32) for i in range(8)]
+    start = resident.fresh(SHARED, 0)
+    losses = []
+    for autocast in (False, True):
+        resident.load(SHARED, start)
+        losses.append(
+            train_slot(
+                resident,
+                SHARED,
+                examples,
+                steps=5,
+                batch_size=4,
+                learning_rate=0.01,
+                seed=0,
+                autocast_bf16=autocast,
+            ).loss
+        )
+    assert abs(losses[0] - losses[1]) / losses[0] < 0.02
+
+
+def _with_random_b(state):
+    generator = torch.Generator().manual_seed(3)
+    return {
+        k: torch.randn(v.shape, generator=generator) * 0.1 if "lora_B" in k else v for k, v in state.items()
+    }
