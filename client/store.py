@@ -1,26 +1,38 @@
 """Personal adapters on the client's own disk: one directory per (variant, user), peft's format.
 
 Each adapter is written atomically (temporary directory + rename) and recorded in a manifest with its
-checksum, the digest of the shared adapter it was trained on and a fingerprint of the user's history,
-so a later run can reuse it, continue from it, or detect that it is corrupt and retrain it.
+checksum, the version and digest of the shared adapter it was trained on and a fingerprint of the
+user's history, so a later run can reuse it, continue from it, or detect that it is corrupt and
+retrain it. The adapters belong to their users: they can be exported as a portable archive, imported
+on another node, and deleted without a trace.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import io
+import json
 import re
 import shutil
+import tarfile
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 
-from common.io import DataError, atomic_write_json, read_json
-from common.peft_io import read_adapter, write_adapter
+from common.io import DataError, atomic_directory, atomic_write_bytes, atomic_write_json, read_json
+from common.peft_io import WEIGHTS, file_sha256, read_adapter, write_adapter
 
 MANIFEST = "manifest.json"
+PROFILES = "profiles"  # the node's profile cache, next to its adapters
+STATE_DIR = ".fedoppu"  # a deployed node's state inside its data directory, unless `state-dir` is set
+_VARIANT = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a method name: one path component
 
 
 @dataclass(frozen=True)
@@ -32,12 +44,26 @@ class AdapterRecord:
     shared_digest: str
     data_fingerprint: str
     created: float
+    shared_version: int | None = None  # the server round the shared adapter came from, when known
+
+
+def node_state_dir(data_path: str | Path, state_dir: str | Path | None = None) -> Path:
+    """Where a deployed node keeps its users' adapters, profiles and manifest."""
+    return Path(state_dir) if state_dir else Path(data_path) / STATE_DIR
 
 
 def _safe_name(user_id: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", user_id) and user_id not in {".", ".."}:
         return user_id
     return "user-" + hashlib.sha256(user_id.encode()).hexdigest()[:16]
+
+
+def _record(entry: dict, where: Path) -> AdapterRecord:
+    known = {f.name for f in fields(AdapterRecord)}
+    try:
+        return AdapterRecord(**{k: v for k, v in entry.items() if k in known})
+    except TypeError as err:
+        raise DataError(f"{where}: bad adapter entry {entry!r} ({err})") from err
 
 
 class PersonalAdapterStore:
@@ -49,6 +75,14 @@ class PersonalAdapterStore:
     @property
     def manifest_path(self) -> Path:
         return self.root / MANIFEST
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialize manifest updates between the ClientApp and `fedoppu adapter` on the same node."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def _manifest(self) -> dict[str, dict]:
         if not self.manifest_path.exists():
@@ -66,11 +100,16 @@ class PersonalAdapterStore:
         return f"{variant}/{user_id}"
 
     def records(self) -> list[AdapterRecord]:
-        return [AdapterRecord(**entry) for entry in self._manifest().values()]
+        return [_record(entry, self.manifest_path) for entry in self._manifest().values()]
 
     def record(self, variant: str, user_id: str) -> AdapterRecord | None:
         entry = self._manifest().get(self._key(variant, user_id))
-        return AdapterRecord(**entry) if entry else None
+        return _record(entry, self.manifest_path) if entry else None
+
+    def intact(self, record: AdapterRecord) -> bool:
+        """Whether the adapter's weights are on disk and match the checksum in the manifest."""
+        weights = self.root / record.path / WEIGHTS
+        return weights.is_file() and file_sha256(weights) == record.sha256
 
     def save(
         self,
@@ -81,22 +120,25 @@ class PersonalAdapterStore:
         *,
         shared_digest: str,
         data_fingerprint: str,
+        shared_version: int | None = None,
     ) -> AdapterRecord:
         """Write the adapter so that `PeftModel.from_pretrained(model, path)` loads it as is."""
         target = self.root / "adapters" / variant / _safe_name(user_id)
-        digest = write_adapter(target, state, peft_config)
-        record = AdapterRecord(
-            user_id,
-            variant,
-            str(target.relative_to(self.root)),
-            digest,
-            shared_digest,
-            data_fingerprint,
-            time.time(),
-        )
-        adapters = self._manifest()
-        adapters[self._key(variant, user_id)] = asdict(record)
-        self._write_manifest(adapters)
+        with self._locked():
+            digest = write_adapter(target, state, peft_config)
+            record = AdapterRecord(
+                user_id,
+                variant,
+                str(target.relative_to(self.root)),
+                digest,
+                shared_digest,
+                data_fingerprint,
+                time.time(),
+                shared_version,
+            )
+            adapters = self._manifest()
+            adapters[self._key(variant, user_id)] = asdict(record)
+            self._write_manifest(adapters)
         return record
 
     def load(self, variant: str, user_id: str) -> tuple[AdapterRecord, dict[str, torch.Tensor]] | None:
@@ -111,15 +153,139 @@ class PersonalAdapterStore:
         return record, state
 
     def delete(self, user_id: str, variants: list[str] | None = None) -> int:
-        """Remove a user's adapters (all variants by default) and their manifest entries."""
-        adapters = self._manifest()
-        doomed = [
-            key
-            for key, entry in adapters.items()
-            if entry["user_id"] == user_id and (variants is None or entry["variant"] in variants)
-        ]
-        for key in doomed:
-            shutil.rmtree(self.root / adapters.pop(key)["path"], ignore_errors=True)
-        if doomed:
-            self._write_manifest(adapters)
+        """Remove a user's adapters (all variants by default), their manifest entries and any adapter
+        directory a crash left behind; returns how many manifest entries were removed."""
+        with self._locked():
+            adapters = self._manifest()
+            doomed = [
+                key
+                for key, entry in adapters.items()
+                if entry["user_id"] == user_id and (variants is None or entry["variant"] in variants)
+            ]
+            paths = {self.root / adapters.pop(key)["path"] for key in doomed}
+            if doomed:
+                self._write_manifest(adapters)
+            for path in paths | set(self._user_dirs(user_id, variants)):
+                shutil.rmtree(path, ignore_errors=True)
         return len(doomed)
+
+    def _user_dirs(self, user_id: str, variants: list[str] | None) -> Iterator[Path]:
+        """The user's adapter directories, including temporary and replaced ones from atomic writes."""
+        name = _safe_name(user_id)
+        leftover = re.compile(rf"\.{re.escape(name)}\.([a-z0-9_]{{8}}\.tmp|old-\d+)")
+        base = self.root / "adapters"
+        if variants is not None:
+            variant_dirs = [base / v for v in variants]
+        else:
+            variant_dirs = list(base.iterdir()) if base.is_dir() else []
+        for variant_dir in variant_dirs:
+            if variant_dir.is_dir():
+                yield from (p for p in variant_dir.iterdir() if p.name == name or leftover.fullmatch(p.name))
+
+    # -- the user's own copy ---------------------------------------------------------------------
+    def export_user(
+        self, user_id: str, out: str | Path, variants: list[str] | None = None
+    ) -> list[AdapterRecord]:
+        """Write the user's adapters and their manifest entries to a .tar.gz archive.
+
+        The archive holds `<user>/manifest.json` and one peft adapter directory per variant
+        (`<user>/<variant>/`), so `PeftModel.from_pretrained` loads it without fedoppu.
+        """
+        records = [
+            r for r in self.records() if r.user_id == user_id and (variants is None or r.variant in variants)
+        ]
+        if not records:
+            wanted = f" (variants {variants})" if variants else ""
+            raise DataError(f"{self.manifest_path}: no adapters for user {user_id!r}{wanted}")
+        for record in records:
+            if not self.intact(record):
+                raise DataError(
+                    f"{self.root / record.path}: adapter '{record.variant}' of user {user_id!r} fails its "
+                    "checksum; the node retrains it in the next run, export it after that"
+                )
+        top = _safe_name(user_id)
+        manifest = {
+            "version": 1,
+            "user_id": user_id,
+            "adapters": {r.variant: asdict(replace(r, path=r.variant)) for r in records},
+        }
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            _add_bytes(tar, f"{top}/{MANIFEST}", json.dumps(manifest, indent=2).encode() + b"\n")
+            for record in records:
+                tar.add(self.root / record.path, arcname=f"{top}/{record.variant}", filter=_portable)
+        atomic_write_bytes(out, buffer.getvalue())
+        return records
+
+    def import_archive(
+        self, archive: str | Path, *, user_id: str | None = None, overwrite: bool = False
+    ) -> list[AdapterRecord]:
+        """Add the adapters of an exported archive to this node, after verifying every checksum."""
+        archive = Path(archive)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                with tarfile.open(archive, "r:*") as tar:
+                    tar.extractall(tmp, filter="data")
+            except (OSError, tarfile.TarError) as err:
+                raise DataError(f"{archive}: not a readable adapter archive ({err})") from err
+            tops = [p for p in Path(tmp).iterdir() if (p / MANIFEST).is_file()]
+            if len(tops) != 1:
+                raise DataError(f"{archive}: expected one '<user>/{MANIFEST}' in the archive")
+            owner, entries = _archive_manifest(tops[0] / MANIFEST, archive)
+            if user_id is not None and owner != user_id:
+                raise DataError(f"{archive}: holds the adapters of user {owner!r}, not {user_id!r}")
+            records = [_record(entry, archive) for entry in entries.values()]
+            for record in records:
+                weights = tops[0] / record.path / WEIGHTS
+                if not weights.is_file() or file_sha256(weights) != record.sha256:
+                    raise DataError(f"{archive}: adapter '{record.variant}' fails its checksum")
+            with self._locked():
+                adapters = self._manifest()
+                clashes = [r.variant for r in records if self._key(r.variant, owner) in adapters]
+                if clashes and not overwrite:
+                    raise DataError(
+                        f"{self.manifest_path}: user {owner!r} already has adapters {clashes} on this node; "
+                        "pass --overwrite to replace them"
+                    )
+                imported = []
+                for record in records:
+                    target = self.root / "adapters" / record.variant / _safe_name(owner)
+                    with atomic_directory(target) as staging:
+                        shutil.copytree(tops[0] / record.path, staging, dirs_exist_ok=True)
+                    imported.append(replace(record, user_id=owner, path=str(target.relative_to(self.root))))
+                    adapters[self._key(record.variant, owner)] = asdict(imported[-1])
+                self._write_manifest(adapters)
+        return imported
+
+
+def _portable(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """No owner names or ids of the node in the user's archive; readable wherever it is unpacked."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o755 if info.isdir() else 0o644
+    return info
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), int(time.time())
+    tar.addfile(_portable(info), io.BytesIO(data))
+
+
+def _archive_manifest(path: Path, archive: Path) -> tuple[str, dict[str, dict]]:
+    manifest = read_json(path)
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("user_id"), str)
+        or not isinstance(manifest.get("adapters"), dict)
+        or not manifest["adapters"]
+    ):
+        raise DataError(
+            f"{archive}: {path.name} must hold a 'user_id' string and a non-empty 'adapters' object"
+        )
+    for variant, entry in manifest["adapters"].items():
+        if not _VARIANT.fullmatch(variant) or not isinstance(entry, dict):
+            raise DataError(f"{archive}: adapter {variant!r}: expected a method name and an object")
+        if entry.get("variant") != variant or entry.get("path") != variant:
+            raise DataError(f"{archive}: adapter entry {variant!r} must name its own variant and directory")
+    return manifest["user_id"], manifest["adapters"]

@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.benchmark import BenchmarkConfig, make_benchmark
-
 from client.adapters import ResidentModel
+from client.store import PROFILES, node_state_dir
 from client.training import Example, encode_example
+from common.benchmark import BenchmarkConfig, make_benchmark
 from common.config import RunConfig
 from common.data import Dataset, User, load_dataset
 from common.profiles import ProfileCache, generated_profile, summary_profile
@@ -152,12 +152,12 @@ def node_users(config: RunConfig, node_config: dict, run_dir: str) -> NodeUsers:
     dataset = load_data(config, str(data_path) if data_path else None)
     if data_path:
         users = dataset.users
-        state_dir = Path(str(node_config.get("state-dir") or Path(str(data_path)) / ".fedoppu"))
+        state_dir = node_state_dir(str(data_path), node_config.get("state-dir"))
     else:
         pid = int(node_config.get("partition-id", 0))
         users = partition(dataset.users, pid, config.users_per_client)
         root = Path(config.state_dir) if config.state_dir else Path(run_dir) / "clients"
         state_dir = root / f"partition-{pid}"
     task = get_task(dataset.task)
-    profiles = ProfileCache(state_dir / "profiles")
+    profiles = ProfileCache(state_dir / PROFILES)
     return NodeUsers(task, [UserContext(task, u, config, profiles) for u in users], state_dir)

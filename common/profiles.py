@@ -114,13 +114,15 @@ class ProfileCache:
         atomic_write_text(path, text)
         return text
 
-    def delete(self, user_id: str) -> None:
-        """Forget a user's profiles (e.g. when they withdraw)."""
+    def delete(self, user_id: str) -> int:
+        """Forget a user's profiles (e.g. when they withdraw); returns how many files were removed."""
         directory = self._user_dir(user_id)
-        for path in directory.glob("*"):
+        paths = list(directory.glob("*"))
+        for path in paths:
             path.unlink()
         if directory.is_dir():
             directory.rmdir()
+        return len(paths)
 
     def _user_dir(self, user_id: str) -> Path:
         # A readable prefix plus a hash: any user id maps to one safe directory name, without collisions.
