@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel, state_digest
 from client.inference import answer_users
-from client.mods import audit_mod, privacy_guard_mod
+from client.mods import audit_mod, privacy_guard_mod, privacy_layer_mod
 from client.store import PersonalAdapterStore
 from client.training import train_slot
 from client.users import NodeUsers, node_users
@@ -73,7 +73,8 @@ def build_client_app(mods=()) -> ClientApp:
         examples = [e for ctx in node.contexts for e in ctx.examples(resident, rag=False, profile=False)]
         train_config = msg.content["config"]
         server_round = int(train_config["server-round"]) + int(train_config.get("round-offset", 0))
-        pid = int(context.node_config.get("partition-id", 0))
+        # Simulation numbers nodes by partition; a deployed node has only its node id.
+        pid = int(context.node_config.get("partition-id", context.node_id))
         started = time.perf_counter()
         result = train_slot(
             resident,
@@ -91,7 +92,8 @@ def build_client_app(mods=()) -> ClientApp:
         arrays = ArrayRecord({k: v.detach().to(wire) for k, v in resident.state(SHARED).items()})
         metrics = MetricRecord(
             {
-                "num-examples": len(examples),
+                # Under a privacy setting every client weighs the same (user-level sensitivity).
+                "num-examples": 1 if config.uniform_client_weights else len(examples),
                 "train-loss": result.loss,
                 "train-steps": result.steps,
                 "train-tokens": result.tokens,
@@ -201,4 +203,4 @@ def _method(msg: Message) -> Method:
     return METHODS[name]
 
 
-app = build_client_app(mods=[audit_mod])
+app = build_client_app(mods=[audit_mod, privacy_layer_mod])

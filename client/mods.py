@@ -3,18 +3,35 @@
 `privacy_guard_mod` enforces OPPU's promise on every reply: a train reply carries only the shared
 adapter's tensors (the keys and shapes that arrived) and scalar metrics; every other reply carries
 metrics only. No personal adapter tensor, no text (no ConfigRecord) ever leaves.
+`privacy_layer_mod` adds the run's privacy setting to the `train` action only (never to personal
+adapters or evaluation): client-side clipping, local DP noise, or SecAgg+ (docs/privacy.md). It sits
+outside the guard, which checks what the handler produced; its mods then only clip, noise or mask that
+shared adapter (SecAgg+ replies carry Flower's protocol records: public keys, encrypted key shares,
+the masked adapter, and the legacy FitRes metrics and status).
 `audit_mod` appends a description of each reply to $FEDOPPU_AUDIT_LOG/<pid>.jsonl when that variable
 is set, so people (and the tests) can check what a node actually sent.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 
-from flwr.app import Context, Message
-from flwr.clientapp.typing import ClientAppCallable
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.client.mod.utils import make_ffn
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import compute_clip_model_update
+
+# The shared adapter's key order, sent in legacy fit configs: legacy Parameters carry no names.
+LEGACY_KEYS = "arrays-keys"
 
 
 class PrivacyViolation(RuntimeError):
@@ -82,3 +99,84 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(describe(msg, reply)) + "\n")
     return reply
+
+
+class LocalDpMod:
+    """Local DP: clip this client's update to C and add N(0, (z*C)^2) noise before the reply leaves.
+
+    Unlike Flower's LocalDpMod (noise calibrated from a one-shot epsilon), the noise is given as a
+    multiplier so the server can compose epsilon over rounds with an accountant. The noise comes from
+    a generator seeded by the OS: training seeds are public, so noise drawn from them could be removed.
+    """
+
+    def __init__(self, clipping_norm: float, noise_multiplier: float) -> None:
+        if clipping_norm <= 0 or noise_multiplier <= 0:
+            raise ValueError("LocalDpMod needs a clipping norm and a noise multiplier > 0")
+        self.clipping_norm = clipping_norm
+        self.noise_multiplier = noise_multiplier
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        received = msg.content["arrays"].to_numpy_ndarrays()
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        record = reply.content["arrays"]
+        arrays = [a.astype(np.float32) for a in record.to_numpy_ndarrays()]
+        compute_clip_model_update(arrays, received, self.clipping_norm)
+        rng = np.random.default_rng()
+        noisy = [a + rng.normal(0.0, self.noise_multiplier * self.clipping_norm, a.shape) for a in arrays]
+        reply.content["arrays"] = ArrayRecord(
+            {k: Array(a.astype(np.float32)) for k, a in zip(record.keys(), noisy, strict=True)}
+        )
+        return reply
+
+
+def legacy_train_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Serve a legacy fit message (what SecAgg+ sends) with the ordinary train handler.
+
+    The handler's training code stays the only one: this mod renames the legacy records to the
+    Message-API ones (`arrays`, `config`) on the way in and back to a FitRes on the way out.
+    """
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = dict(fitins.config)
+    keys = str(config.pop(LEGACY_KEYS)).split(",")
+    received = parameters_to_ndarrays(fitins.parameters)
+    inner = copy.copy(msg)
+    inner.content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(a) for k, a in zip(keys, received, strict=True)}),
+            "config": ConfigRecord(config),
+        }
+    )
+    reply = call_next(inner, context)
+    if reply.has_error():
+        return reply
+    record, metrics = reply.content["arrays"], dict(reply.content["metrics"])
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters([record[k].numpy() for k in keys]),
+        num_examples=int(metrics["num-examples"]),
+        metrics=metrics,
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def train_privacy_mods(run_config: dict) -> list[Mod]:
+    """The client half of each privacy setting (the server half is server/privacy.py)."""
+    setting = str(run_config.get("privacy", "none"))
+    if setting == "client-dp":
+        return [fixedclipping_mod]  # the server's wrapper sends the clipping norm
+    if setting == "local-dp":
+        return [LocalDpMod(float(run_config["clipping-norm"]), float(run_config["noise-multiplier"]))]
+    if setting == "secagg":
+        return [secaggplus_mod, legacy_train_mod]
+    if setting == "secagg+dp":
+        return [secaggplus_mod, legacy_train_mod, fixedclipping_mod]
+    return []  # none, central-dp and adaptive-dp act on the server only
+
+
+def privacy_layer_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Apply the privacy setting to the shared adapter's `train` action and to nothing else."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    return make_ffn(call_next, train_privacy_mods(context.run_config))(msg, context)

@@ -22,6 +22,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
 PROFILE_MODES = ("summary", "generated")
 PEFT_TYPES = ("lora", "dora")
 WIRE_DTYPES = ("fp32", "fp16")
+# The privacy layer of the shared adapter (server/privacy.py, client/mods.py); docs/privacy.md compares them.
+PRIVACY_SETTINGS = ("none", "central-dp", "client-dp", "adaptive-dp", "local-dp", "secagg", "secagg+dp")
 METHODS = tuple(_METHODS)
 _CHOICES = {
     "strategy": STRATEGIES,
@@ -29,6 +31,7 @@ _CHOICES = {
     "peft_type": PEFT_TYPES,
     "wire_dtype": WIRE_DTYPES,
     "dtype": ("fp32", "bf16"),
+    "privacy": PRIVACY_SETTINGS,
 }
 
 
@@ -68,6 +71,11 @@ class RunConfig:
     micro_batch_size: int
     learning_rate: float
     wire_dtype: str
+    privacy: str
+    noise_multiplier: float
+    clipping_norm: float
+    dp_delta: float
+    max_epsilon: float
     personal_epochs: float
     personal_learning_rate: float
     rag_k: int
@@ -122,10 +130,37 @@ class RunConfig:
             )
         if self.personal_epochs < 0:
             raise ConfigError(f"{source}: personal-epochs = {self.personal_epochs}; expected >= 0")
+        self._validate_privacy(source)
         if self.rag_k < 1 and any(_METHODS[name].rag for name in self.method_list):
             raise ConfigError(
                 f"{source}: rag-k = {self.rag_k}, but methods {self.methods!r} retrieve; expected >= 1"
             )
+
+    def _validate_privacy(self, source: str) -> None:
+        if self.clipping_norm <= 0:
+            raise ConfigError(f"{source}: clipping-norm = {self.clipping_norm}; expected > 0")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ConfigError(f"{source}: dp-delta = {self.dp_delta}; expected 0 < value < 1")
+        if self.max_epsilon < 0:
+            raise ConfigError(f"{source}: max-epsilon = {self.max_epsilon}; expected >= 0 (0 = no budget)")
+        if self.privacy == "none":
+            return
+        if self.noise_multiplier <= 0 and self.privacy != "secagg":
+            raise ConfigError(
+                f"{source}: privacy = {self.privacy!r} needs noise-multiplier > 0, got {self.noise_multiplier}"
+            )
+        # DP needs uniform FedAvg aggregation (sensitivity per user); SecAgg+ exists only on the legacy FedAvg.
+        allowed = ("fedavg",) if self.privacy.startswith("secagg") else ("fedavg", "fedprox")
+        if self.strategy not in allowed:
+            raise ConfigError(
+                f"{source}: privacy = {self.privacy!r} works with strategy {' or '.join(allowed)}, "
+                f"not {self.strategy!r}"
+            )
+
+    @property
+    def uniform_client_weights(self) -> bool:
+        """Under any privacy layer every client counts once: user-level sensitivity, no example counts."""
+        return self.privacy != "none"
 
     @property
     def method_list(self) -> list[str]:

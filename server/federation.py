@@ -23,8 +23,11 @@ from common.config import RunConfig
 from common.methods import METHODS
 from common.tasks import get_task
 from server.checkpoints import CheckpointStore
+from server.privacy import PrivacyLayer
 from server.results import Evaluation, RunRecorder
+from server.secagg import run_secagg
 from server.strategy import build_strategy
+from server.traffic import TrafficMeter
 
 StateDict = dict[str, torch.Tensor]
 
@@ -42,6 +45,7 @@ class Federation:
         self.checkpoints = CheckpointStore(config.run_dir)
         self.recorder = RunRecorder(config.run_dir, self.task, resume=config.resume)
         self.node_ids = sorted(grid.get_node_ids())
+        self.stopped_early = False  # set by federate() when the privacy budget ends training early
 
     # -- messaging ---------------------------------------------------------------------------------
     def broadcast(
@@ -105,50 +109,74 @@ class Federation:
         return 0, resident.fresh(SHARED, seed=self.config.seed)
 
     def federate(self) -> StateDict:
-        """Run the remaining rounds; every round is checkpointed and (optionally) evaluated."""
+        """Run the remaining rounds the privacy budget allows; every round is checkpointed and evaluated.
+
+        The privacy layer wraps the strategy (or, for SecAgg+, runs Flower's legacy workflow). A budget
+        that would be exceeded stops training before that round: what was trained is kept, and the
+        last shared adapter goes on to personalization.
+        """
         config = self.config
         start_round, state = self.initial_shared()
         if start_round >= config.num_rounds:
             return state
+        privacy = PrivacyLayer(config, len(self.node_ids), completed_rounds=start_round)
+        last_round = start_round + privacy.affordable_rounds(start_round, config.num_rounds - start_round)
+        self.stopped_early = last_round < config.num_rounds
+        self.recorder.privacy(
+            {**privacy.describe(), "rounds_planned": config.num_rounds, "rounds_run": last_round},
+            stopped_early=self.stopped_early,
+        )
+        grid = TrafficMeter(self.grid)
         train_metrics: list[dict[str, float]] = []
+        latest = state
 
         def aggregate_train(records: list[RecordDict], weighting: str) -> MetricRecord:
             aggregated = aggregate_metricrecords(records, weighting)
             train_metrics.append({**dict(aggregated), "clients": len(records)})
             return aggregated
 
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> None:
+        def after_round(server_round: int, weights: StateDict) -> None:
+            nonlocal latest
+            latest = weights
             current = start_round + server_round
             if server_round == 0 and start_round > 0:
-                return None  # that round was evaluated before the run was interrupted
-            weights = arrays.to_torch_state_dict()
+                return  # that round was evaluated before the run was interrupted
+            round_privacy = None
             if server_round > 0:
+                privacy.released()
                 self.checkpoints.save(current, weights, self.spec.peft_config())
-            final = current == config.num_rounds
+                round_privacy = {"epsilon": privacy.spent(), "bytes-per-client": grid.take_per_client()}
+                if privacy.adaptive is not None:
+                    round_privacy["clipping-norm"] = privacy.strategy.round_clipping_norm  # this round's
+            final = current == last_round
             zero_shot_here = current == 0 and "zero-shot" in config.method_list
             evaluation = None
             if config.eval_every_round or final or zero_shot_here:
                 started = time.perf_counter()
-                evaluation = self.evaluate(
-                    "shared", weights, f"round {current}/{config.num_rounds}: evaluating"
-                )
+                evaluation = self.evaluate("shared", weights, f"round {current}/{last_round}: evaluating")
                 if zero_shot_here:  # the initial adapter is the identity: this is the bare base model
                     self.recorder.method("zero-shot", evaluation, time.perf_counter() - started)
                 if final:
                     self.recorder.method("shared", evaluation, time.perf_counter() - started)
-            self.recorder.round(current, train_metrics[-1] if server_round > 0 else None, evaluation)
-            return None
+            train = train_metrics[-1] if server_round > 0 else None
+            self.recorder.round(current, train, evaluation, round_privacy)
 
-        strategy = build_strategy(config, len(self.node_ids))
-        strategy.train_metrics_aggr_fn = aggregate_train
-        result = strategy.start(
-            self.grid,
-            ArrayRecord({k: v.float() for k, v in state.items()}),
-            num_rounds=config.num_rounds - start_round,
-            train_config=ConfigRecord({"round-offset": start_round}),
-            evaluate_fn=evaluate_fn,
-        )
-        return {k: v.float() for k, v in result.arrays.to_torch_state_dict().items()}
+        rounds = last_round - start_round
+        if rounds == 0:  # the budget affords no release: the initial adapter is the shared one
+            after_round(0, state)
+        elif privacy.legacy:
+            run_secagg(grid, privacy, state, rounds, start_round, after_round, aggregate_train)
+        else:
+            base = build_strategy(config, len(self.node_ids))
+            base.train_metrics_aggr_fn = aggregate_train
+            privacy.wrap(base).start(
+                grid,
+                ArrayRecord({k: v.float() for k, v in state.items()}),
+                num_rounds=rounds,
+                train_config=ConfigRecord({"round-offset": start_round}),
+                evaluate_fn=lambda r, arrays: after_round(r, arrays.to_torch_state_dict()),
+            )
+        return {k: v.float() for k, v in latest.items()}
 
     # -- the whole run -----------------------------------------------------------------------------
     def run(self, methods: Iterable[str]) -> None:
@@ -166,4 +194,4 @@ class Federation:
                 base = shared if method.shared else None
                 self.personalize(name, base)
                 self.evaluate_method(name, base)
-        self.recorder.finish()
+        self.recorder.finish("stopped-early" if self.stopped_early else "complete")

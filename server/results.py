@@ -62,9 +62,17 @@ class RunRecorder:
         self.data["history"].update(evaluation.history)
         self.save()
 
-    def round(self, server_round: int, train: dict[str, float] | None, evaluation: Evaluation | None) -> None:
+    def round(
+        self,
+        server_round: int,
+        train: dict[str, float] | None,
+        evaluation: Evaluation | None,
+        privacy: dict[str, Any] | None = None,
+    ) -> None:
         rounds = [r for r in self.data["rounds"] if r["round"] != server_round]
         entry: dict[str, Any] = {"round": server_round}
+        if privacy:
+            entry["privacy"] = privacy
         if train is not None:
             entry["train"] = train
         if evaluation is not None:
@@ -72,6 +80,12 @@ class RunRecorder:
             entry["users"] = evaluation.users
             self.data["history"].update(evaluation.history)
         self.data["rounds"] = sorted([*rounds, entry], key=lambda r: r["round"])
+        self.save()
+
+    def privacy(self, info: dict[str, Any], stopped_early: bool) -> None:
+        """The privacy setting, and whether its budget stopped the shared adapter's training early."""
+        self.data["privacy"] = info
+        self.data["stopped_early"] = stopped_early
         self.save()
 
     def personalize(self, name: str, metrics: dict[str, float]) -> None:

@@ -63,7 +63,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from simulations import data_commands
+    from simulations import adapter_commands, data_commands, deploy_commands, privacy_commands
 
     parser = argparse.ArgumentParser(
         prog="fedoppu",
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     data_commands.register(commands)
+    privacy_commands.register(commands)
+    deploy_commands.register(commands)
+    adapter_commands.register(commands)
     return parser
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from client.users import load_data, num_partitions
-from common.config import METHODS, RunConfig
+from common.config import METHODS, RunConfig, default_config_values
 from common.io import atomic_write_json, read_json
 from simulations.engine import run_federation
 from simulations.report import write_report
@@ -109,5 +109,7 @@ def resume(run_dir: str | Path, cpus_per_client: int = 1) -> Path:
     """Continue an interrupted run from its last checkpointed round, with its recorded config."""
     run_dir = Path(run_dir)
     recorded = read_json(run_dir / "config.json")
-    config = RunConfig.from_mapping(recorded["run_config"], str(run_dir / "config.json")).replace(resume=True)
+    # Keys added to the app after the run was recorded take today's defaults.
+    values = {**default_config_values(), **recorded["run_config"]}
+    config = RunConfig.from_mapping(values, str(run_dir / "config.json")).replace(resume=True)
     return simulate(config, centralized=bool(recorded.get("centralized")), cpus_per_client=cpus_per_client)

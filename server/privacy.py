@@ -1,0 +1,250 @@
+"""The server side of the privacy settings: which Flower wrapper guards the shared adapter, and epsilon.
+
+Every setting trains with the same client code; only this layer differs (docs/privacy.md). Epsilon is
+user-level (add or remove one client, i.e. one user's whole history when a client hosts one user),
+without subsampling credit, accounted with Flower's RdpAccountant. Each round releases the same
+events, so the budget check is exact: `affordable_rounds` says, before training, after how many rounds
+the next release would exceed `max-epsilon`, and the federation stops there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping as LegacyClientSideClipping
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.serverapp import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+)
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+from common.config import ConfigError, RunConfig
+
+ACCOUNTING = {
+    "none": "no DP: no epsilon can be claimed",
+    "central-dp": "RDP, Gaussian noise z per round on the sum of updates clipped to C (sensitivity C)",
+    "client-dp": "RDP, Gaussian noise z per round on the sum of updates clipped to C by the clients",
+    "adaptive-dp": "RDP, per round two Gaussian releases: the update sum (z_updates) and the clipped count "
+    "(noise std sigma_count, sensitivity 1: Flower's bits are not centred)",
+    "local-dp": "RDP, per client per round a Gaussian release with sensitivity 2C (any two histories of the "
+    "user): noise multiplier z/2; protects each update from the server itself",
+    "secagg": "no DP: SecAgg+ hides individual updates, not the aggregate; no epsilon can be claimed",
+    "secagg+dp": "RDP (standalone accountant), Gaussian noise z per round on the SecAgg+ sum of client-clipped "
+    "updates",
+}
+
+
+NEIGHBOURING = {
+    name: "add or remove one client (one user's whole history)"
+    for name in ("central-dp", "client-dp", "adaptive-dp", "secagg+dp")
+} | {"local-dp": "replace one client's data (any two histories of the user), seen by the server"}
+
+
+@dataclass(frozen=True)
+class AdaptiveNoise:
+    """Flower's adaptive clipping splits the noise between the update sum and the clipped count."""
+
+    update_multiplier: float
+    count_stddev: float
+
+    @classmethod
+    def for_config(cls, noise_multiplier: float, sampled: int) -> AdaptiveNoise:
+        # Flower's default count noise (sampled/20) refuses z >= sampled/10, which small federations hit;
+        # at least z keeps the split valid (z < 2 * sigma_count) at any size.
+        count_stddev, update_multiplier = compute_adaptive_noise_params(
+            noise_multiplier, sampled, max(sampled / 20, noise_multiplier)
+        )
+        return cls(update_multiplier, count_stddev)
+
+
+class RoundClipAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower 1.42's adaptive wrapper, noising each round's sum with the clip norm that round used.
+
+    Flower updates the clip norm from the noisy clipped count *before* it adds noise to the sum, so the
+    noise is scaled by the next round's norm: whenever the norm shrinks, the sum of updates clipped to
+    C_t gets noise for C_{t+1} < C_t and the noise multiplier falls below the configured one by a
+    data-dependent factor no accountant can bound. Restoring C_t for the noise makes every round the
+    fixed pair of Gaussian releases that `round_events` accounts for.
+    """
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.round_clipping_norm = self.clipping_norm
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        next_norm, self.clipping_norm = self.clipping_norm, self.round_clipping_norm
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated)
+        finally:
+            self.clipping_norm = next_norm
+
+
+class PrivacyLayer:
+    """One run's privacy setting: the wrapped strategy, its accountant and its budget."""
+
+    def __init__(self, config: RunConfig, num_clients: int, completed_rounds: int = 0) -> None:
+        self.config = config
+        self.setting = config.privacy
+        self.population = num_clients
+        self.sampled = max(1, math.ceil(num_clients * config.fraction_train))
+        if self.accounted and config.dp_delta >= 1 / num_clients:
+            raise ConfigError(
+                f"dp-delta = {config.dp_delta} is not below 1/{num_clients} (one over the number of clients): "
+                "a mechanism that publishes one user's history outright would satisfy it"
+            )
+        if self.legacy and self.sampled < 2:
+            raise ConfigError(f"privacy = {self.setting!r}: SecAgg+ needs at least 2 clients per round")
+        self.accountant = self._new_accountant() if self.accounted else None
+        self._compose(completed_rounds)
+        self.strategy: Strategy | None = None  # the wrapped Message-API strategy, once built
+
+    # -- what the setting is -----------------------------------------------------------------------
+    @property
+    def accounted(self) -> bool:
+        return self.setting not in ("none", "secagg")
+
+    @property
+    def legacy(self) -> bool:
+        """SecAgg+ exists only on Flower's legacy workflow (LegacyContext + DefaultWorkflow)."""
+        return self.setting in ("secagg", "secagg+dp")
+
+    @property
+    def adaptive(self) -> AdaptiveNoise | None:
+        if self.setting != "adaptive-dp":
+            return None
+        return AdaptiveNoise.for_config(self.config.noise_multiplier, self.sampled)
+
+    def round_events(self) -> list[GaussianPrivacyEvent]:
+        """The private releases of one round, as noise multipliers relative to their sensitivity."""
+        z = self.config.noise_multiplier
+        if self.setting in ("central-dp", "client-dp", "secagg+dp"):
+            multipliers = [z]
+        elif self.setting == "local-dp":
+            multipliers = [z / 2]
+        elif (adaptive := self.adaptive) is not None:
+            multipliers = [adaptive.update_multiplier, adaptive.count_stddev]
+        else:
+            multipliers = []
+        return [GaussianPrivacyEvent(m, self.sampled, self.population) for m in multipliers]
+
+    # -- accounting --------------------------------------------------------------------------------
+    def _new_accountant(self) -> RdpAccountant:
+        return RdpAccountant(
+            PrivacyConfig(
+                target_delta=self.config.dp_delta,
+                population_size=self.population,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+
+    def _compose(self, rounds: int, accountant: RdpAccountant | None = None) -> None:
+        accountant = accountant or self.accountant
+        if accountant is None or rounds <= 0:
+            return
+        for event in self.round_events():
+            accountant.compose(event, rounds)
+
+    def epsilon_after(self, rounds: int) -> float | None:
+        """Epsilon at dp-delta after `rounds` releases; None where no DP guarantee exists."""
+        if not self.accounted:
+            return None
+        if rounds == 0:
+            return 0.0
+        accountant = self._new_accountant()
+        self._compose(rounds, accountant)
+        return accountant.get_epsilon(self.config.dp_delta)
+
+    def spent(self) -> float | None:
+        """Epsilon released so far; None where no DP guarantee exists."""
+        if self.accountant is None:
+            return None
+        if self.accountant.num_releases == 0:
+            return 0.0
+        return self.accountant.get_epsilon(self.config.dp_delta)
+
+    def affordable_rounds(self, done: int, remaining: int) -> int:
+        """How many of the remaining rounds fit in max-epsilon, given `done` rounds already released."""
+        if self.config.max_epsilon <= 0 or not self.accounted:
+            return remaining
+        affordable = 0
+        while affordable < remaining and (self.epsilon_after(done + affordable + 1) or 0.0) <= (
+            self.config.max_epsilon
+        ):
+            affordable += 1
+        return affordable
+
+    @property
+    def wrapper_accounts(self) -> bool:
+        """Flower's fixed-clipping wrappers compose their own releases into the accountant they hold."""
+        return self.setting in ("central-dp", "client-dp")
+
+    def released(self) -> None:
+        """One round's aggregate went out: compose it unless the Flower wrapper already did."""
+        if not self.wrapper_accounts:
+            self._compose(1)
+
+    # -- the strategy ------------------------------------------------------------------------------
+    def wrap(self, strategy: FedAvg) -> Strategy:
+        """The Message-API strategy for this setting (local-dp adds nothing on the server)."""
+        self.strategy = self._wrapped(strategy)
+        return self.strategy
+
+    def _wrapped(self, strategy: FedAvg) -> Strategy:
+        z, clip = self.config.noise_multiplier, self.config.clipping_norm
+        if self.setting == "central-dp":
+            return DifferentialPrivacyServerSideFixedClipping(
+                strategy, z, clip, self.sampled, accountant=self.accountant
+            )
+        if self.setting == "client-dp":
+            return DifferentialPrivacyClientSideFixedClipping(
+                strategy, z, clip, self.sampled, accountant=self.accountant
+            )
+        if (adaptive := self.adaptive) is not None:
+            return RoundClipAdaptiveClipping(
+                strategy,
+                z,
+                self.sampled,
+                initial_clipping_norm=clip,
+                clipped_count_stddev=adaptive.count_stddev,
+            )
+        return strategy
+
+    def wrap_legacy(self, strategy: LegacyFedAvg) -> LegacyFedAvg | LegacyClientSideClipping:
+        """secagg+dp: clients clip (fixedclipping_mod), the server noises the SecAgg+ sum."""
+        if self.setting != "secagg+dp":
+            return strategy
+        return LegacyClientSideClipping(
+            strategy, self.config.noise_multiplier, self.config.clipping_norm, self.sampled
+        )
+
+    def describe(self) -> dict:
+        """What metrics.json records about the setting (epsilon per round is added by the rounds)."""
+        info = {
+            "setting": self.setting,
+            "noise_multiplier": self.config.noise_multiplier if self.accounted else 0.0,
+            "clipping_norm": self.config.clipping_norm if self.accounted else None,
+            "delta": self.config.dp_delta if self.accounted else None,
+            "max_epsilon": self.config.max_epsilon or None,
+            "population": self.population,
+            "sampled_per_round": self.sampled,
+            "neighbouring": NEIGHBOURING.get(self.setting),
+            "accounting": ACCOUNTING[self.setting],
+        }
+        if (adaptive := self.adaptive) is not None:
+            info["update_noise_multiplier"] = adaptive.update_multiplier
+            info["count_noise_stddev"] = adaptive.count_stddev
+        return info

@@ -1,0 +1,74 @@
+"""SecAgg+ for the shared adapter, on Flower's legacy workflow: the only place Flower 1.42 offers it.
+
+The server never sees one client's update, only the sum of all of them (docs/privacy.md). Clients
+answer with the same train handler as every other setting; `client.mods.legacy_train_mod` translates
+the legacy fit records. Per-round evaluation, checkpoints and accounting run in the same `after_round`
+hook the Message-API strategies call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from flwr.app import Context, MetricRecord, RecordDict
+from flwr.common import Metrics, NDArrays, Scalar, ndarrays_to_parameters
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from client.mods import LEGACY_KEYS
+from server.privacy import PrivacyLayer
+
+StateDict = dict[str, torch.Tensor]
+
+# Every sampled client shares its masking secrets with all others (num_shares = 1.0 of them); masks
+# are recovered from any half of them, so the server colluding with fewer than half the clients
+# learns nothing about one update beyond the sum.
+NUM_SHARES = 1.0
+RECONSTRUCTION_THRESHOLD = 0.5
+
+
+def run_secagg(
+    grid: Grid,
+    privacy: PrivacyLayer,
+    initial: StateDict,
+    num_rounds: int,
+    round_offset: int,
+    after_round: Callable[[int, StateDict], None],
+    aggregate_train: Callable[[list[RecordDict], str], MetricRecord],
+) -> None:
+    """Run `num_rounds` SecAgg+ rounds from `initial`, calling `after_round` at round 0 and after each."""
+    keys = list(initial)
+
+    def evaluate_fn(server_round: int, arrays: NDArrays, _: dict[str, Scalar]) -> None:
+        after_round(
+            server_round, {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
+        )
+
+    def fit_config(server_round: int) -> dict[str, Scalar]:
+        return {"server-round": server_round, "round-offset": round_offset, LEGACY_KEYS: ",".join(keys)}
+
+    def fit_metrics(results: list[tuple[int, Metrics]]) -> Metrics:
+        records = [RecordDict({"metrics": MetricRecord(dict(metrics))}) for _, metrics in results]
+        return dict(aggregate_train(records, "num-examples"))
+
+    strategy = LegacyFedAvg(
+        fraction_fit=privacy.config.fraction_train,
+        fraction_evaluate=0.0,  # evaluation is driven by the ServerApp, per user and method
+        min_fit_clients=privacy.sampled,
+        min_available_clients=privacy.population,
+        evaluate_fn=evaluate_fn,
+        on_fit_config_fn=fit_config,
+        initial_parameters=ndarrays_to_parameters([v.float().numpy() for v in initial.values()]),
+        fit_metrics_aggregation_fn=fit_metrics,
+    )
+    context = LegacyContext(
+        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        config=ServerConfig(num_rounds=num_rounds),
+        strategy=privacy.wrap_legacy(strategy),
+    )
+    workflow = SecAggPlusWorkflow(num_shares=NUM_SHARES, reconstruction_threshold=RECONSTRUCTION_THRESHOLD)
+    DefaultWorkflow(fit_workflow=workflow)(grid, context)

@@ -1,0 +1,259 @@
+"""The privacy layer without a federation: noise, clipping, epsilon, budget, and where the mods act."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.rdp import RdpAccountant
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import Code, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+
+from client.mods import LEGACY_KEYS, legacy_train_mod, privacy_layer_mod, train_privacy_mods
+from common.config import ConfigError, load_run_config
+from server.privacy import PrivacyLayer
+from server.strategy import build_strategy
+from simulations.privacy_commands import GridPoint, parse_grid
+from simulations.privacy_report import research_answer
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+
+CLIENTS = 4
+SHAPES = {"a.lora_A.weight": (8, 64), "a.lora_B.weight": (2048, 8)}
+
+
+def _config(setting: str, z: float = 1.0, clip: float = 0.5, **extra):
+    overrides = {"privacy": f'"{setting}"', "noise-multiplier": z, "clipping-norm": clip, **extra}
+    return load_run_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+class _Grid:
+    def get_node_ids(self):
+        return list(range(1, CLIENTS + 1))
+
+
+def _norm(arrays) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
+
+
+def _clip(update, clip):
+    scale = min(1.0, clip / _norm(update))
+    return [u * scale for u in update]
+
+
+def _updates(seed: int = 0):
+    """Fixed client updates, all above the clip norm (so adaptive clipping must shrink its norm)."""
+    rng = np.random.default_rng(seed)
+    updates = []
+    for client in range(CLIENTS):
+        update = [rng.normal(size=shape).astype(np.float32) for shape in SHAPES.values()]
+        target = 2.0 + client
+        updates.append([u * (target / _norm(update)) for u in update])
+    return updates
+
+
+def _aggregate(layer: PrivacyLayer, updates, clip_on_client: bool):
+    """One round of the wrapped strategy on fixed updates; returns global, aggregate and sent replies."""
+    strategy = layer.wrap(build_strategy(layer.config, CLIENTS))
+    rng = np.random.default_rng(1)
+    current = {k: rng.normal(size=s).astype(np.float32) * 0.01 for k, s in SHAPES.items()}
+    messages = list(
+        strategy.configure_train(
+            1, ArrayRecord({k: Array(v) for k, v in current.items()}), ConfigRecord(), _Grid()
+        )
+    )
+    replies = []
+    for msg, update in zip(messages, updates, strict=True):
+        if clip_on_client:  # what fixedclipping_mod does with the norm the wrapper sent
+            assert msg.content["config"]["clipping_norm"] == layer.config.clipping_norm
+            update = _clip(update, layer.config.clipping_norm)
+        arrays = ArrayRecord({k: Array(current[k] + u) for k, u in zip(SHAPES, update, strict=True)})
+        replies.append(
+            Message(
+                RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg
+            )
+        )
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    return current, aggregated, replies
+
+
+@pytest.mark.parametrize("setting", ["central-dp", "client-dp", "adaptive-dp"])
+def test_aggregate_noise_has_the_configured_std_and_updates_are_clipped(setting):
+    layer = PrivacyLayer(_config(setting), CLIENTS)
+    clip = layer.config.clipping_norm
+    updates = _updates()
+    current, aggregated, replies = _aggregate(layer, updates, clip_on_client=setting == "client-dp")
+    for reply in replies:  # what reached the mean: each update clipped to at most C
+        sent = reply.content["arrays"].to_numpy_ndarrays()
+        assert _norm([s - current[k] for s, k in zip(sent, SHAPES, strict=True)]) <= clip * (1 + 1e-5)
+    expected_mean = [
+        current[k] + sum(_clip(u, clip)[i] for u in updates) / CLIENTS for i, k in enumerate(SHAPES)
+    ]
+    deviation = np.concatenate(
+        [(a - e).ravel() for a, e in zip(aggregated.to_numpy_ndarrays(), expected_mean, strict=True)]
+    )
+    z = layer.adaptive.update_multiplier if setting == "adaptive-dp" else layer.config.noise_multiplier
+    expected_std = z * clip / CLIENTS  # adaptive: this round's clip norm, before it adapts
+    assert abs(deviation.mean()) < 0.05 * expected_std
+    assert deviation.std() == pytest.approx(expected_std, rel=0.03)
+    if layer.wrapper_accounts:  # Flower's fixed-clipping wrappers compose the release themselves
+        assert layer.spent() == pytest.approx(layer.epsilon_after(1))
+
+
+def test_local_dp_clips_then_adds_noise_of_z_times_c_on_the_client():
+    config = _config("local-dp", z=0.5, clip=0.3)
+    (mod,) = train_privacy_mods(config.to_flower())
+    received = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    update = _updates()[0]  # norm 2.0, clipped to 0.3
+    msg = Message(
+        RecordDict(
+            {"arrays": ArrayRecord({k: Array(v) for k, v in received.items()}), "config": ConfigRecord()}
+        ),
+        dst_node_id=1,
+        message_type="train",
+    )
+
+    def handler(message, _context):
+        arrays = ArrayRecord({k: Array(u) for k, u in zip(SHAPES, update, strict=True)})
+        return Message(
+            RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=message
+        )
+
+    reply = mod(msg, None, handler)
+    noise = np.concatenate(
+        [
+            (a - c).ravel()
+            for a, c in zip(reply.content["arrays"].to_numpy_ndarrays(), _clip(update, 0.3), strict=True)
+        ]
+    )
+    assert list(reply.content["arrays"]) == list(SHAPES)
+    assert noise.std() == pytest.approx(0.5 * 0.3, rel=0.03)
+
+
+@pytest.mark.parametrize("z", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("setting", ["central-dp", "client-dp", "local-dp", "adaptive-dp", "secagg+dp"])
+def test_epsilon_matches_an_independent_rdp_computation(setting, z):
+    layer = PrivacyLayer(_config(setting, z=z), num_clients=8)
+    if setting == "local-dp":
+        events = [dp_event.GaussianDpEvent(z / 2)]  # sensitivity 2C against the server
+    elif setting == "adaptive-dp":
+        count_std = max(8 / 20, z)
+        update_z = (z**-2 - (2 * count_std) ** -2) ** -0.5  # Andrew et al.'s split of the noise
+        events = [dp_event.GaussianDpEvent(update_z), dp_event.GaussianDpEvent(count_std)]
+    else:
+        events = [dp_event.GaussianDpEvent(z)]
+    for rounds in (1, 3, 10):
+        reference = RdpAccountant()
+        for event in events:
+            reference.compose(event, rounds)
+        assert layer.epsilon_after(rounds) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_epsilon_agrees_with_the_figures_measured_in_the_notes():
+    layer = PrivacyLayer(_config("central-dp", z=1.0), num_clients=4)
+    assert [round(layer.epsilon_after(r), 2) for r in (1, 2, 3)] == [4.73, 7.08, 9.01]
+
+
+def test_the_budget_stops_before_the_round_that_would_exceed_it():
+    layer = PrivacyLayer(_config("central-dp", z=1.0, **{"max-epsilon": 8.0}), num_clients=4)
+    assert layer.affordable_rounds(0, 5) == 2  # 4.73, 7.08, then 9.01 > 8
+    assert layer.affordable_rounds(2, 3) == 0
+    resumed = PrivacyLayer(layer.config, num_clients=4, completed_rounds=2)
+    assert resumed.spent() == pytest.approx(layer.epsilon_after(2))
+    assert PrivacyLayer(_config("secagg"), 4).affordable_rounds(0, 5) == 5  # no DP, no budget to spend
+    assert PrivacyLayer(_config("none"), 4).spent() is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"privacy": '"secagg"', "strategy": '"fedprox"'}, "works with strategy fedavg"),
+        ({"privacy": '"central-dp"', "strategy": '"fedadam"'}, "fedavg or fedprox"),
+        ({"privacy": '"central-dp"', "noise-multiplier": 0}, "needs noise-multiplier > 0"),
+        ({"privacy": '"dp"'}, "expected one of"),
+        ({"dp-delta": 1.5}, "dp-delta"),
+    ],
+)
+def test_bad_privacy_configs_fail_with_the_key_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_the_population_must_fit_delta_and_secagg():
+    with pytest.raises(ConfigError, match="not below 1/8"):
+        PrivacyLayer(_config("central-dp", **{"dp-delta": 0.2}), num_clients=8)
+    with pytest.raises(ConfigError, match="at least 2 clients"):
+        PrivacyLayer(_config("secagg"), num_clients=1)
+
+
+@pytest.mark.parametrize("message_type", ["train.personalize", "evaluate"])
+@pytest.mark.parametrize("setting", ["client-dp", "local-dp", "secagg+dp"])
+def test_privacy_mods_leave_personal_adapters_and_evaluation_alone(message_type, setting):
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"method": "oppu"})}), dst_node_id=1, message_type=message_type
+    )
+    reply = Message(RecordDict({"metrics": MetricRecord({"n": 1})}), reply_to=msg)
+
+    class _Context:
+        run_config = _config(setting).to_flower()
+
+    assert privacy_layer_mod(msg, _Context(), lambda m, c: reply) is reply
+
+
+def test_legacy_fit_messages_reach_the_train_handler_as_named_arrays():
+    keys = list(SHAPES)
+    received = [np.full(s, i, np.float32) for i, s in enumerate(SHAPES.values())]
+    fitins = FitIns(ndarrays_to_parameters(received), {"server-round": 1, LEGACY_KEYS: ",".join(keys)})
+    msg = Message(compat.fitins_to_recorddict(fitins, True), dst_node_id=1, message_type="train")
+    seen = {}
+
+    def handler(inner, _context):
+        seen["arrays"] = {k: a.numpy() for k, a in inner.content["arrays"].items()}
+        seen["config"] = dict(inner.content["config"])
+        reordered = ArrayRecord({k: Array(seen["arrays"][k] + 1) for k in reversed(keys)})
+        metrics = MetricRecord({"num-examples": 1, "train-loss": 0.5})
+        return Message(RecordDict({"arrays": reordered, "metrics": metrics}), reply_to=inner)
+
+    reply = legacy_train_mod(msg, None, handler)
+    assert list(seen["arrays"]) == keys and seen["config"] == {"server-round": 1}
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    assert fitres.status.code == Code.OK and fitres.num_examples == 1
+    assert fitres.metrics == {"num-examples": 1, "train-loss": 0.5}
+    for got, sent in zip(parameters_to_ndarrays(fitres.parameters), received, strict=True):
+        np.testing.assert_array_equal(got, sent + 1)  # back in the order the server sent
+
+
+def test_the_grid_expands_noise_levels_and_keeps_noiseless_settings_once():
+    points = parse_grid("none,central-dp,local-dp@0.3,secagg", "0.5,1", default_noise=1.0)
+    assert [p.label for p in points] == [
+        "none",
+        "central-dp-z0.5",
+        "central-dp-z1",
+        "local-dp-z0.3",
+        "secagg",
+    ]
+    assert GridPoint("secagg", 0.0).label == "secagg"
+    with pytest.raises(ConfigError, match="expected settings"):
+        parse_grid("none,dp", None, 1.0)
+
+
+def test_the_summary_answers_the_research_question_in_numbers():
+    rows = [
+        {
+            "run": "none",
+            "setting": "none",
+            "epsilon": None,
+            "shared": 0.6,
+            "oppu": 0.8,
+            "stopped_early": False,
+        },
+        {"run": "central-dp-z1", "setting": "central-dp", "epsilon": 7.1, "shared": 0.2, "oppu": 0.5}
+        | {"stopped_early": True},
+    ]
+    lines = research_answer(rows, higher_is_better=True)
+    assert "personal adapters add +0.2000" in lines[0]
+    assert "DP costs shared-only +0.4000; OPPU wins back +0.3000 (75% of it)" in lines[1]
+    assert "OPPU vs OPPU without privacy -0.3000" in lines[1] and "stopped early" in lines[1]
