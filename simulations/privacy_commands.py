@@ -88,7 +88,8 @@ def cmd_compare_privacy(args: argparse.Namespace) -> int:
     console.print(f"[bold]compare-privacy[/]: {len(points)} federations -> {run_dir}")
     console.print(", ".join(p.label for p in points))
     point_dirs = {point.label: run_point(base, point, run_dir, args.cpus_per_client) for point in points}
-    write_privacy_report(run_dir, point_dirs, Console())
+    out = Console()
+    write_privacy_report(run_dir, point_dirs, out if out.is_terminal else Console(width=160))
     return 0
 
 

@@ -74,11 +74,13 @@ def research_answer(rows: list[dict], higher_is_better: bool) -> list[str]:
             continue
         cost = sign * (baseline["shared"] - row["shared"])
         won_back = sign * (row["oppu"] - row["shared"])
-        share = f"{100 * won_back / cost:.0f}% of it" if cost > 0 else "no cost to win back"
-        eps = "inf" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
+        if cost > 0:
+            recovery = f"OPPU wins back {won_back:+.4f} ({100 * won_back / cost:.0f}% of it)"
+        else:
+            recovery = f"nothing to win back; personal adapters add {won_back:+.4f}"
         lines.append(
-            f"{row['run']} (epsilon {eps}): DP costs shared-only {cost:+.4f}; OPPU wins back {won_back:+.4f} "
-            f"({share}); OPPU vs OPPU without privacy {sign * (row['oppu'] - baseline['oppu']):+.4f}"
+            f"{row['run']} (epsilon {'inf' if row['epsilon'] is None else format(row['epsilon'], '.3g')}): DP costs shared-only {cost:+.4f}; {recovery}; "
+            f"OPPU vs OPPU without privacy {sign * (row['oppu'] - baseline['oppu']):+.4f}"
             + (" [stopped early: budget]" if row["stopped_early"] else "")
         )
     return lines
