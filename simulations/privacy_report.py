@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.io import atomic_write_json, atomic_write_text, read_json
-from simulations.report import _save_figure
+from simulations.report import save_figure
 
 COLUMNS = (
     "run",
@@ -112,7 +112,7 @@ def plot_utility_vs_epsilon(rows: list[dict], metric: str, path: Path) -> None:
     axis.set(xlabel="epsilon (user-level, at the run's delta)", ylabel=metric)
     axis.set_title("Utility versus privacy: shared-only and OPPU")
     axis.legend(fontsize=7)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_rounds(runs: dict[str, dict], metric: str, path: Path) -> None:
@@ -133,7 +133,7 @@ def plot_rounds(runs: dict[str, dict], metric: str, path: Path) -> None:
         xlabel="round", ylabel=f"shared adapter {metric}", title="Shared adapter per round (x: budget stop)"
     )
     axis.legend(fontsize=7)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def _csv(rows: list[dict]) -> str:

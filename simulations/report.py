@@ -64,7 +64,8 @@ def history_groups(history: dict[str, int]) -> dict[str, str]:
     return groups
 
 
-def _save_figure(figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
+    """PNG written atomically, so a report being rewritten never leaves a half-drawn plot."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
@@ -87,7 +88,7 @@ def plot_methods(metrics: dict, path: Path) -> None:
         f"{metrics['task']}: {key} per method ({'higher' if metrics['higher_is_better'] else 'lower'} is better)"
     )
     axis.tick_params(axis="x", rotation=30)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_rounds(metrics: dict, path: Path) -> None:
@@ -108,7 +109,7 @@ def plot_rounds(metrics: dict, path: Path) -> None:
             )
     eval_axis.set(xlabel="round", ylabel=key, title=f"Shared adapter {key} per round")
     eval_axis.legend(fontsize=8)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_user_gain(metrics: dict, path: Path) -> bool:
@@ -137,7 +138,7 @@ def plot_user_gain(metrics: dict, path: Path) -> bool:
     axis.set_xticks(range(3), ["light", "medium", "heavy"])
     axis.set(xlabel="users grouped by history size", ylabel=f"OPPU - shared ({key}, better = up)")
     axis.set_title("Per-user gain of personal adapters over the shared adapter")
-    _save_figure(figure, path)
+    save_figure(figure, path)
     return True
 
 

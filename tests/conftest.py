@@ -62,3 +62,19 @@ def flower_identity():
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir) -> dict:
+    """Run-config overrides for a whole federation in seconds: the tiny model, 2 users, 2 short rounds."""
+    return {
+        "model": f'"{tiny_model_dir}"',
+        "benchmark-users": 2,
+        "benchmark-min-history": 8,
+        "benchmark-max-history": 12,
+        "benchmark-queries": 2,
+        "num-rounds": 2,
+        "local-steps": 2,
+        "batch-size": 4,
+        "personal-epochs": 0.5,
+    }

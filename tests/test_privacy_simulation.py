@@ -20,14 +20,6 @@ from simulations.cli import main
 SETTINGS = ("central-dp", "client-dp", "adaptive-dp", "local-dp", "secagg", "secagg+dp")
 LABELS = ("central-dp-z1", "client-dp-z1", "adaptive-dp-z1", "local-dp-z1", "secagg", "secagg+dp-z1")
 OVERRIDES = {
-    "benchmark-users": 2,
-    "benchmark-min-history": 8,
-    "benchmark-max-history": 12,
-    "benchmark-queries": 2,
-    "num-rounds": 2,
-    "local-steps": 2,
-    "batch-size": 4,
-    "personal-epochs": 0.5,
     "eval-every-round": "false",
     "clipping-norm": 0.15,  # the tiny model's updates after 2 local steps measure about 0.145
     "max-epsilon": 12.0,
@@ -35,9 +27,9 @@ OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def comparison(tiny_model_dir, tmp_path_factory):
+def comparison(tiny_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("privacy") / "compare"
-    overrides = {"model": f'"{tiny_model_dir}"', **OVERRIDES}
+    overrides = {**tiny_run, **OVERRIDES}
     argv = ["compare-privacy", "--settings", ",".join(SETTINGS), "--run-dir", str(run_dir)]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]

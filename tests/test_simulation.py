@@ -10,20 +10,12 @@ from common.config import load_run_config
 from common.io import read_json
 from simulations.simulate import resume, simulate
 
-USERS = 2
+USERS = 2  # benchmark-users in the tiny_run fixture
 
 
-def _config(tiny_model_dir, run_dir, **extra):
+def _config(tiny_run, run_dir, **extra):
     overrides = {
-        "model": f'"{tiny_model_dir}"',
-        "benchmark-users": USERS,
-        "benchmark-min-history": 8,
-        "benchmark-max-history": 12,
-        "benchmark-queries": 2,
-        "num-rounds": 2,
-        "local-steps": 2,
-        "batch-size": 4,
-        "personal-epochs": 0.5,
+        **tiny_run,
         "methods": '"zero-shot,rag,shared,local,oppu,oppu-rag,oppu-pag"',
         "run-dir": f'"{run_dir}"',
     }
@@ -32,12 +24,12 @@ def _config(tiny_model_dir, run_dir, **extra):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_model_dir, tmp_path_factory):
+def finished_run(tiny_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sim") / "run"
     audit = tmp_path_factory.mktemp("audit")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDOPPU_AUDIT_LOG", str(audit))
-        simulate(_config(tiny_model_dir, run_dir), centralized=True)
+        simulate(_config(tiny_run, run_dir), centralized=True)
     return run_dir, audit
 
 
@@ -99,9 +91,9 @@ def test_clients_send_only_the_shared_adapter_and_scalar_metrics(finished_run):
             assert reply["arrays"] == {}
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
+def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
-    simulate(_config(tiny_model_dir, run_dir, **{"num-rounds": 1, "methods": '"shared"'}), centralized=False)
+    simulate(_config(tiny_run, run_dir, **{"num-rounds": 1, "methods": '"shared"'}), centralized=False)
     recorded = read_json(run_dir / "config.json")
     recorded["run_config"]["num-rounds"] = 2  # as if the run had been stopped after round 1 of 2
     (run_dir / "config.json").write_text(json.dumps(recorded))
@@ -112,10 +104,10 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tmp_path):
     assert read_json(run_dir / "checkpoints" / "latest.json")["round"] == 2
 
 
-def test_the_same_seed_gives_the_same_numbers(tiny_model_dir, finished_run, tmp_path):
+def test_the_same_seed_gives_the_same_numbers(tiny_run, finished_run, tmp_path):
     first_dir, _ = finished_run
     again = tmp_path / "again"
-    simulate(_config(tiny_model_dir, again, methods='"shared,oppu"'), centralized=False)
+    simulate(_config(tiny_run, again, methods='"shared,oppu"'), centralized=False)
     first, second = read_json(first_dir / "metrics.json"), read_json(again / "metrics.json")
     assert [r["train"] for r in first["rounds"][1:]] != []
     for a, b in zip(first["rounds"][1:], second["rounds"][1:], strict=True):
