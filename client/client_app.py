@@ -41,7 +41,7 @@ def resident_model(model: str, dtype: str, spec: AdapterSpec) -> ResidentModel:
     return ResidentModel(base, tokenizer, spec)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=256)  # a simulation worker serves many partitions, every round
 def _node(config: RunConfig, node_items: tuple, run_dir: str) -> NodeUsers:
     return node_users(config, dict(node_items), run_dir)
 
@@ -111,6 +111,7 @@ def build_client_app(mods=()) -> ClientApp:
         resident.load(SHARED, shared)
         shared_digest = state_digest(shared) if shared is not None else "none"
         store = PersonalAdapterStore(node.state_dir)
+        shared_round = msg.content["config"].get("shared-round") if shared is not None else None
         losses, trained, reused, started = [], 0, 0, time.perf_counter()
         for ctx in node.contexts:
             uid = ctx.user.user_id
@@ -144,6 +145,7 @@ def build_client_app(mods=()) -> ClientApp:
                 resident.spec.peft_config(),
                 shared_digest=shared_digest,
                 data_fingerprint=fingerprint,
+                shared_version=None if shared_round is None else int(shared_round),
             )
             losses.append(result.loss)
             trained += 1

@@ -36,6 +36,27 @@ class ClientFailure(RuntimeError):
     """A node replied with an error instead of a result."""
 
 
+def user_counts(replies: Iterable[Message], label: str) -> dict[str, dict[str, float]]:
+    """Per-user metric counts from every node's reply; a user reported by two nodes is an error,
+    since summing them would silently score that user twice."""
+    counts: dict[str, dict[str, float]] = {}
+    owners: dict[str, int] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        for name, record in reply.content.metric_records.items():
+            if not name.startswith("user:"):
+                continue
+            user = name.removeprefix("user:")
+            if user in owners:
+                raise ClientFailure(
+                    f"{label}: user {user!r} is reported by node {owners[user]} and node {node}; "
+                    "each user's data must live on exactly one node"
+                )
+            owners[user] = node
+            counts[user] = dict(record)
+    return counts
+
+
 class Federation:
     def __init__(self, grid: Grid, config: RunConfig) -> None:
         self.grid = grid
@@ -46,13 +67,19 @@ class Federation:
         self.recorder = RunRecorder(config.run_dir, self.task, resume=config.resume)
         self.node_ids = sorted(grid.get_node_ids())
         self.stopped_early = False  # set by federate() when the privacy budget ends training early
+        self.shared_round = 0  # the round the latest shared adapter comes from
 
     # -- messaging ---------------------------------------------------------------------------------
     def broadcast(
-        self, message_type: str, method: str | None, shared: StateDict | None, label: str
+        self,
+        message_type: str,
+        method: str | None,
+        shared: StateDict | None,
+        label: str,
+        extra: dict[str, int] | None = None,
     ) -> list[Message]:
         """Send one message per node and collect every reply, showing progress as nodes finish."""
-        content = RecordDict({"config": ConfigRecord({"method": method or ""})})
+        content = RecordDict({"config": ConfigRecord({"method": method or "", **(extra or {})})})
         if shared is not None:
             content["arrays"] = ArrayRecord({k: v.float() for k, v in shared.items()})
         messages = [Message(content, dst_node_id=n, message_type=message_type) for n in self.node_ids]
@@ -74,14 +101,9 @@ class Federation:
         return replies
 
     def evaluate(self, method: str, shared: StateDict | None, label: str | None = None) -> Evaluation:
-        replies = self.broadcast("evaluate", method, shared, label or f"evaluating {method}")
-        counts = {
-            name.removeprefix("user:"): dict(record)
-            for reply in replies
-            for name, record in reply.content.metric_records.items()
-            if name.startswith("user:")
-        }
-        return Evaluation.from_user_counts(self.task, counts)
+        label = label or f"evaluating {method}"
+        replies = self.broadcast("evaluate", method, shared, label)
+        return Evaluation.from_user_counts(self.task, user_counts(replies, label))
 
     def evaluate_method(self, method: str, shared: StateDict | None) -> None:
         started = time.perf_counter()
@@ -90,7 +112,11 @@ class Federation:
 
     def personalize(self, method: str, shared: StateDict | None) -> None:
         started = time.perf_counter()
-        replies = self.broadcast("train.personalize", method, shared, f"personalizing users for {method}")
+        # The shared adapter's round goes into each stored adapter's manifest entry.
+        extra = {"shared-round": self.shared_round} if shared is not None else None
+        replies = self.broadcast(
+            "train.personalize", method, shared, f"personalizing users for {method}", extra
+        )
         records = [dict(r.content["metrics"]) for r in replies]
         summary = {
             key: sum(r.get(key, 0) for r in records) for key in ("num-users", "users-trained", "users-reused")
@@ -117,6 +143,7 @@ class Federation:
         """
         config = self.config
         start_round, state = self.initial_shared()
+        self.shared_round = start_round
         if start_round >= config.num_rounds:
             return state
         privacy = PrivacyLayer(config, len(self.node_ids), completed_rounds=start_round)
@@ -139,6 +166,7 @@ class Federation:
             nonlocal latest
             latest = weights
             current = start_round + server_round
+            self.shared_round = current
             if server_round == 0 and start_round > 0:
                 return  # that round was evaluated before the run was interrupted
             round_privacy = None

@@ -359,7 +359,7 @@ def test_run_keeps_each_users_personal_adapter_on_their_node(federation):
             assert (adapter / "adapter_config.json").is_file()
             assert file_sha256(adapter / "adapter_model.safetensors") == entry["sha256"]
             assert entry["data_fingerprint"] == history_fingerprint(user.history)
-            assert "shared_version" in entry and entry["created"] > 0
+            assert entry["shared_version"] == 2 and entry["created"] > 0
             digests.add(entry["shared_digest"])
     assert len(digests) == 1  # every user built on the same federated base adapter
     # Nothing personal on the server: only shared-adapter checkpoints and metrics.

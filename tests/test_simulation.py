@@ -69,6 +69,12 @@ def test_personal_adapters_stay_on_their_clients_disk(finished_run):
     for pid, user in enumerate(["u000", "u001"]):
         manifest = read_json(run_dir / "clients" / f"partition-{pid}" / "manifest.json")["adapters"]
         assert set(manifest) == {f"{m}/{user}" for m in ("local", "oppu", "oppu-rag", "oppu-pag")}
+        # OPPU variants record the shared adapter's round (2 rounds here); `local` has no shared one.
+        assert [manifest[f"{m}/{user}"]["shared_version"] for m in ("local", "oppu", "oppu-rag")] == [
+            None,
+            2,
+            2,
+        ]
 
 
 def test_clients_send_only_the_shared_adapter_and_scalar_metrics(finished_run):
