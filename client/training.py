@@ -1,7 +1,10 @@
 """Local training of one adapter slot: causal-LM loss on the target tokens only.
 
-Logits are computed only at positions that predict a target token, so the 49k-row lm_head is skipped
-on prompt tokens, and batches are bucketed by length to cut padding; both matter on 2 CPU cores.
+Four things keep a step cheap on 2 CPU cores: logits only at positions that predict a target token
+(the 49k-row lm_head is skipped on prompt tokens); batches bucketed by length (less padding); and a
+prefix that every example of a batch shares (LaMP prompts open with the task's instruction, about
+two thirds of a tagging example) is run once for the batch and reused by every row as cached keys
+and values, with its gradient summed over the rows; and eager attention for short batches.
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from client.adapters import ResidentModel
+
+# A shorter common prefix saves less than the extra pass through the layers costs.
+MIN_SHARED_PREFIX = 16
+# Eager attention trains ~15% faster than SDPA's CPU kernels (measured at widths 70-300, bf16), but
+# keeps every layer's attention weights (rows x heads x width^2) for the backward pass: use it while
+# they fit this budget, SDPA beyond.
+EAGER_ATTENTION_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -77,15 +87,56 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, attention, predicts_target
 
 
+def shared_prefix_len(examples: Sequence[Example]) -> int:
+    """How many leading tokens every example of the batch has in common, ending before the first
+    position that predicts a target; 0 when that is too short to be worth a pass of its own."""
+    if len(examples) < 2:
+        return 0
+    limit = min(e.prompt_len for e in examples) - 1
+    length = 0
+    for column in zip(*(e.input_ids for e in examples), strict=False):
+        if length == limit or any(token != column[0] for token in column):
+            break
+        length += 1
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
 def target_loss(
-    resident: ResidentModel, ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor
+    resident: ResidentModel,
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    mask: torch.Tensor,
+    prefix_len: int = 0,
 ) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens. With `prefix_len`, the first `prefix_len` tokens
+    (the same in every row) are run once and their keys and values repeated for every row."""
     causal_lm = resident.peft.base_model.model
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    hidden = backbone(input_ids=ids, attention_mask=attention).last_hidden_state
-    logits = causal_lm.get_output_embeddings()(hidden[mask])
+    cache = None
+    if prefix_len:
+        cache = backbone(input_ids=ids[:1, :prefix_len], use_cache=True).cache
+        cache.batch_repeat_interleave(ids.shape[0])
+    hidden = backbone(
+        input_ids=ids[:, prefix_len:], attention_mask=attention, cache=cache, use_cache=cache is not None
+    ).last_hidden_state
+    logits = causal_lm.get_output_embeddings()(hidden[mask[:, prefix_len:]])
     targets = ids[:, 1:][mask[:, :-1]]
     return F.cross_entropy(logits.float(), targets)
+
+
+@contextlib.contextmanager
+def training_attention(model, rows: int, width: int) -> Iterator[None]:
+    """Switch an SDPA model to eager attention for one step when its attention weights fit the budget."""
+    config = model.config
+    weights = rows * config.num_attention_heads * width**2 * config.num_hidden_layers * 8  # fp32 + copies
+    if config._attn_implementation != "sdpa" or weights > EAGER_ATTENTION_BYTES:
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def _accumulate(
@@ -100,8 +151,9 @@ def _accumulate(
     for part, weight in zip(micro, targets, strict=True):
         ids, attention, mask = collate(part, resident.tokenizer.pad_token_id)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
-        with autocast:
-            loss = target_loss(resident, ids, attention, mask) * (weight / sum(targets))
+        with autocast, training_attention(resident.peft.base_model.model, *ids.shape):
+            loss = target_loss(resident, ids, attention, mask, shared_prefix_len(part))
+            loss = loss * (weight / sum(targets))
         loss.backward()
         total_loss += loss.item()
         tokens += int(attention.sum())

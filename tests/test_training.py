@@ -4,7 +4,16 @@ import torch
 
 from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel
 from client.inference import answer_users, generate_answers
-from client.training import bucketed_batches, collate, encode_example, target_loss, train_slot
+from client.training import (
+    MIN_SHARED_PREFIX,
+    bucketed_batches,
+    collate,
+    encode_example,
+    shared_prefix_len,
+    target_loss,
+    train_slot,
+    training_attention,
+)
 
 
 def test_encode_keeps_the_target_and_cuts_the_oldest_prompt_tokens(tokenizer):
@@ -28,6 +37,53 @@ def test_target_only_loss_equals_the_full_masked_loss(tiny_model):
         full = resident.peft(input_ids=ids, attention_mask=attention, labels=labels).loss
         ours = target_loss(resident, ids, attention, mask)
     assert torch.allclose(full, ours, atol=1e-5)
+
+
+def test_a_shared_prompt_prefix_run_once_gives_the_same_loss_and_gradients(tiny_model):
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, AdapterSpec(target_modules=("q_proj", "v_proj", "up_proj")))
+    resident.load(SHARED, _with_random_b(resident.fresh(SHARED, 0)))
+    instruction = "Which tag does this movie relate to among the following tags? tags: [a, b, c] description:"
+    examples = [
+        encode_example(tokenizer, f"{instruction} {text}", target, 96)
+        for text, target in [
+            ("a heist", " crime"),
+            ("two lovers in a long story", " romance"),
+            ("space", " sci"),
+        ]
+    ]
+    prefix = shared_prefix_len(examples)
+    assert MIN_SHARED_PREFIX <= prefix < min(e.prompt_len for e in examples)
+    assert list(examples[0].input_ids[:prefix]) == tokenizer(instruction)["input_ids"][:prefix]
+    ids, attention, mask = collate(examples, tokenizer.pad_token_id)
+    params = resident.trainable(SHARED)
+    results = []
+    for prefix_len in (0, prefix):
+        loss = target_loss(resident, ids, attention, mask, prefix_len)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    resident.peft.requires_grad_(False)
+    (loss, grads), (shared_loss, shared_grads) = results
+    assert torch.allclose(loss, shared_loss, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, shared_grads, strict=True))
+    assert any(g.abs().max() > 1e-3 for g in grads)  # the comparison is not between zero gradients
+
+
+def test_no_prefix_is_shared_when_it_is_short_or_would_reach_a_target(tokenizer):
+    alike = [encode_example(tokenizer, "same words " * 20, t, 96) for t in (" x", " y")]
+    assert shared_prefix_len(alike) == alike[0].prompt_len - 1  # stops before the first target
+    assert shared_prefix_len(alike[:1]) == 0  # one row: nothing to share
+    short = [encode_example(tokenizer, f"tag {i}: words " * 5, " x", 96) for i in range(2)]
+    assert shared_prefix_len(short) == 0
+
+
+def test_short_batches_train_with_eager_attention_and_long_ones_keep_sdpa(tiny_model):
+    model, _ = tiny_model
+    model.set_attn_implementation("sdpa")
+    with training_attention(model, rows=8, width=128):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
+    with training_attention(model, rows=8, width=2048):  # 8 x 4 heads x 2048^2 x 2 layers: over budget
+        assert model.config._attn_implementation == "sdpa"
 
 
 def test_bucketed_batches_cover_every_example_each_epoch():
