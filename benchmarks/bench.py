@@ -5,18 +5,23 @@ a percentage of the measured matmul peak (4*N FLOPs per trained token: forward p
 gradients; LoRA needs no weight gradients of the base), the optimized path against the naive one,
 personalization cost per user at 10 and 100 users, mixed-batch against per-user answering, wire bytes
 against the model's size, memory with 100 users' adapters, and the time until the first round starts.
+With `--against COMMIT` it also times two whole default `fedoppu simulate` runs, at COMMIT and here.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
+import platform
 import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,8 +32,9 @@ from rich.table import Table
 from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel
 from client.inference import answer_users, generate_answers
 from client.store import PersonalAdapterStore
-from client.training import collate, encode_example, train_slot
+from client.training import Example, bucketed_batches, collate, encode_example, shared_prefix_len, train_slot
 from common.benchmark import BenchmarkConfig, make_benchmark
+from common.config import PROJECT_DIR
 from common.model import load_base_model
 from common.prompts import build_prompt, target_text
 from common.tasks import get_task
@@ -51,10 +57,28 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
-def matmul_peak(dtype: torch.dtype, size: int) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    return 2 * size**3 / best_of(lambda: a @ b, 5)
+def cpu_description() -> str:
+    """The CPU and the instruction sets that set its matmul peak (AMX: bf16 ~6x fp32; AVX512_BF16: ~2x)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor()
+    )
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    isa = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{name} ({', '.join(isa) or 'ISA unknown'})"
+
+
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096)) -> tuple[float, int]:
+    """Best FLOP/s of square matmuls over a few sizes, after warm-up calls (oneDNN picks its kernel on
+    the first ones). Returns (FLOP/s, size)."""
+    best = (0.0, 0)
+    for size in sizes:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        best = max(best, (2 * size**3 / best_of(functools.partial(torch.matmul, a, b), 8), size))
+    return best
 
 
 def examples(tokenizer, users: int = 8):
@@ -85,9 +109,41 @@ def naive_step(resident: ResidentModel, batch, autocast: bool) -> None:
     loss.backward()
 
 
-def bench_training(resident, data, params: int, peaks: dict[str, float]) -> None:
+@dataclass(frozen=True)
+class FlopCount:
+    """The issue's convention counts 4*N FLOPs per example token (forward plus activation gradients).
+    Fewer are executed: the embedding is a lookup, a batch's shared prompt prefix runs once, and the
+    tied 49k-row lm_head runs only at positions that predict a target token."""
+
+    params: int
+    layer_params: int  # the decoder layers' weights: every computed token goes through them
+    head_params: int
+
+    def convention(self, tokens: int) -> float:
+        return 4 * self.params * tokens
+
+    def executed(self, batches: list[list[Example]]) -> float:
+        computed = sum(
+            sum(len(e.input_ids) for e in b) - (len(b) - 1) * shared_prefix_len(b) for b in batches
+        )
+        targets = sum(len(e.input_ids) - e.prompt_len for b in batches for e in b)
+        return 4 * (self.layer_params * computed + self.head_params * targets)
+
+
+def flop_count(model) -> FlopCount:
+    backbone = getattr(model, model.base_model_prefix)
+    return FlopCount(
+        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for p in backbone.layers.parameters()),
+        model.get_output_embeddings().weight.numel(),
+    )
+
+
+def bench_training(resident, data, flops: FlopCount, peaks: dict[str, float]) -> None:
     console.rule("training (LoRA r=8 on q_proj, v_proj; batch 8)")
     resident.load(SHARED, resident.fresh(SHARED, 0))
+    lengths = [len(e.input_ids) for e in data]
+    batches = [[data[i] for i in b] for b in bucketed_batches(lengths, batch_size=8, steps=6, seed=1)]
     for autocast in (False, True):
         name = "bf16" if autocast else "fp32"
         train_slot(
@@ -97,8 +153,8 @@ def bench_training(resident, data, params: int, peaks: dict[str, float]) -> None
         result = train_slot(
             resident, SHARED, data, steps=6, batch_size=8, learning_rate=1e-3, seed=1, autocast_bf16=autocast
         )
-        rate = result.tokens / (time.perf_counter() - start)
-        percent = 100 * rate * 4 * params / peaks[name]
+        seconds = time.perf_counter() - start
+        rate = result.tokens / seconds
         params_ = resident.trainable(SHARED)
         optimizer = torch.optim.AdamW(params_, lr=1e-3)
         batch = data[:8]
@@ -110,10 +166,13 @@ def bench_training(resident, data, params: int, peaks: dict[str, float]) -> None
             optimizer.step()
         naive = tokens / (time.perf_counter() - start)
         resident.peft.requires_grad_(False)
+        convention = 100 * flops.convention(result.tokens) / seconds / peaks[name]
+        executed = 100 * flops.executed(batches) / seconds / peaks[name]
         report(
             f"train tokens/s {name}",
             f"{rate:,.0f}",
-            f"= {percent:.0f}% of {name} peak; {rate / naive:.2f}x naive ({naive:,.0f})",
+            f"= {convention:.0f}% of {name} peak at 4*N FLOPs per example token, {executed:.0f}% "
+            f"counting the FLOPs executed; {rate / naive:.2f}x naive ({naive:,.0f})",
         )
 
 
@@ -236,34 +295,92 @@ def bench_first_round() -> None:
             process.wait(30)
 
 
+def _timed_simulate(root: Path, run_dir: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """Wall seconds of a default `fedoppu simulate` run from `root`, and each method's primary metric."""
+    start = time.perf_counter()
+    with open(run_dir.with_suffix(".log"), "w") as log:
+        subprocess.run(
+            [sys.executable, "-m", "simulations.cli", "simulate", "--run-dir", str(run_dir)],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
+    wall = time.perf_counter() - start
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    primary = metrics["primary_metric"]
+    return wall, {name: m["overall"][primary] for name, m in metrics["methods"].items()}
+
+
+def bench_simulate_against(ref: str) -> None:
+    """The default `fedoppu simulate` at git commit `ref` (from a temporary worktree, with its own model
+    cache, built before timing) and in this checkout, back to back on the same machine."""
+    console.rule(f"default `fedoppu simulate`: {ref} against this checkout (two whole runs)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tree, cache = Path(tmp) / "ref", Path(tmp) / "cache"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], cwd=PROJECT_DIR, check=True)
+        try:
+            env = {**os.environ, "PYTHONPATH": str(tree), "FEDOPPU_CACHE": str(cache)}
+            subprocess.run(
+                [sys.executable, "-c", "from common.model import load_base_model; load_base_model()"],
+                cwd=tree,
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            with console.status(f"running the default simulate at {ref}"):
+                before, before_metrics = _timed_simulate(tree, Path(tmp) / "before", env)
+            env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}
+            with console.status("running the default simulate in this checkout"):
+                after, after_metrics = _timed_simulate(PROJECT_DIR, Path(tmp) / "after", env)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=PROJECT_DIR, check=False)
+    report(f"default simulate wall s at {ref}", f"{before:.0f}")
+    report(
+        "default simulate wall s, this checkout",
+        f"{after:.0f}",
+        f"= {before / after:.2f}x shorter (target >= 2x)",
+    )
+    for name, value in after_metrics.items():
+        report(f"  {name}", f"{value:.3f}", f"(was {before_metrics.get(name, float('nan')):.3f})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--skip-simulate", action="store_true", help="skip the time-to-first-round measurement"
     )
+    parser.add_argument(
+        "--against",
+        metavar="COMMIT",
+        help="also time two whole default `fedoppu simulate` runs, at COMMIT and in this checkout "
+        "(about 20 minutes on 2 cores)",
+    )
     args = parser.parse_args()
     console.rule(
         f"this machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    peaks = {"fp32": matmul_peak(torch.float32, 4096), "bf16": matmul_peak(torch.bfloat16, 2048)}
-    report("matmul peak fp32 (4096^2)", f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s")
-    report(
-        "matmul peak bf16 (2048^2)",
-        f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s",
-        f"= {peaks['bf16'] / peaks['fp32']:.1f}x fp32",
-    )
+    console.print(f"  CPU: {cpu_description()}")
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peaks[name], size = matmul_peak(dtype)
+        ratio = f"= {peaks['bf16'] / peaks['fp32']:.1f}x fp32" if name == "bf16" else ""
+        report(f"matmul peak {name} (best of {size}^2)", f"{peaks[name] / 1e9:,.0f} GFLOP/s", ratio)
     model, tokenizer = load_base_model()
-    params = sum(p.numel() for p in model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     spec = AdapterSpec()
-    resident = ResidentModel(model, tokenizer, spec)
     task, dataset, data = examples(tokenizer)
-    bench_training(resident, data, params, peaks)
+    flops = flop_count(model)
+    resident = ResidentModel(model, tokenizer, spec)
+    bench_training(resident, data, flops, peaks)
     bench_personalization(resident, data, spec)
     bench_answering(resident, task, dataset)
     bench_wire(resident, model_bytes)
     if not args.skip_simulate:
         bench_first_round()
+    if args.against:
+        bench_simulate_against(args.against)
     table = Table(title="fedoppu benchmark")
     for column in ("measure", "value", "ratio"):
         table.add_column(column)
