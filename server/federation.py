@@ -121,7 +121,7 @@ class Federation:
         summary = {
             key: sum(r.get(key, 0) for r in records) for key in ("num-users", "users-trained", "users-reused")
         }
-        losses = [r["personal-loss"] for r in records if "personal-loss" in r]
+        losses = sorted(r["personal-loss"] for r in records if "personal-loss" in r)  # arrival-order free
         if losses:
             summary["personal-loss"] = sum(losses) / len(losses)
         summary["seconds"] = time.perf_counter() - started

@@ -23,8 +23,9 @@ class Evaluation:
     @classmethod
     def from_user_counts(cls, task: Task, counts: dict[str, dict[str, float]]) -> Evaluation:
         history = {uid: int(c.pop("history", 0)) for uid, c in counts.items()}
-        users = {uid: metrics_from_counts(task, c) for uid, c in sorted(counts.items())}
-        overall = metrics_from_counts(task, merge_counts(*counts.values())) if counts else {"n": 0}
+        ordered = sorted(counts.items())  # sums in user order, not reply arrival order: reproducible
+        users = {uid: metrics_from_counts(task, c) for uid, c in ordered}
+        overall = metrics_from_counts(task, merge_counts(*(c for _, c in ordered))) if counts else {"n": 0}
         return cls(overall, users, history)
 
 

@@ -1,11 +1,15 @@
-"""Bytes each client uploads for the shared adapter, measured where the server receives them.
+"""The server's view of a round's traffic: bytes each client uploads, and replies in a fixed order.
 
 Counting on the server side covers every protocol alike: one reply per round for the Message-API
-strategies, four per round (keys, shares, masked vector, unmasking shares) for SecAgg+.
+strategies, four per round (keys, shares, masked vector, unmasking shares) for SecAgg+. Replies are
+handed on ordered by a digest of their arrays, not by arrival (nor by node id: simulation draws node
+ids anew each run; nor by whole content: metrics hold timings), so aggregation adds the same updates
+in the same order every run and a seed reproduces the shared adapter bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -16,7 +20,7 @@ from flwr.serverapp import Grid
 
 
 class TrafficMeter:
-    """A Grid that passes everything through and counts the serialized size of train replies."""
+    """A Grid that counts the serialized size of train replies and orders replies by their arrays."""
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
@@ -32,9 +36,19 @@ class TrafficMeter:
         for reply in replies:
             if reply.metadata.message_type == MessageType.TRAIN and reply.has_content():
                 self._bytes[reply.metadata.src_node_id] += recorddict_to_proto(reply.content).ByteSize()
-        return replies
+        return sorted(replies, key=_arrays_digest)
 
     def take_per_client(self) -> float | None:
         """Mean bytes uploaded per client since the last call (one round), then start counting anew."""
         counts, self._bytes = self._bytes, defaultdict(int)
         return sum(counts.values()) / len(counts) if counts else None
+
+
+def _arrays_digest(reply: Message) -> bytes:
+    digest = hashlib.sha256()
+    if reply.has_content():
+        for name, record in sorted(reply.content.array_records.items()):
+            for key, array in record.items():
+                digest.update(f"{name}/{key}".encode())
+                digest.update(array.data)
+    return digest.digest()
