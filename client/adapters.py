@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from common.config import RunConfig
+from common.model import model_config
 
 SHARED = "shared"
 PERSONAL = "personal"
@@ -99,13 +100,7 @@ class ResidentModel:
 
     def fresh(self, slot: str, seed: int) -> StateDict:
         """A new adapter as PEFT initializes one (A Kaiming-uniform, B zero), from a seed."""
-        generator = torch.Generator().manual_seed(seed)
-        state = _clone(self._identity[slot])
-        for key, tensor in state.items():
-            if "lora_A" in key:
-                bound = 1.0 / math.sqrt(tensor.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound
-                tensor.uniform_(-bound, bound, generator=generator)
-        return state
+        return fresh_adapter(self._identity[slot], seed)
 
     def answer_slots(self, personal_states: Sequence[Mapping[str, torch.Tensor] | None]) -> list[str]:
         """Load shared + each user's personal adapter into rank-2r answer slots, one per user.
@@ -146,6 +141,31 @@ class ResidentModel:
         for param in params:
             param.requires_grad_(True)
         return params
+
+
+def fresh_adapter(identity: Mapping[str, torch.Tensor], seed: int) -> StateDict:
+    """`identity` (a zero-delta adapter) with its A matrices drawn as PEFT draws them, from a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    state = _clone(identity)
+    for key, tensor in state.items():
+        if "lora_A" in key:
+            bound = 1.0 / math.sqrt(tensor.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound
+            tensor.uniform_(-bound, bound, generator=generator)
+    return state
+
+
+def fresh_lora_from_config(model: str, spec: AdapterSpec, seed: int) -> StateDict:
+    """The same adapter as `ResidentModel.fresh`, with shapes taken from a weightless (meta-device)
+    copy of the model: the server creates the first shared adapter without loading base weights.
+    LoRA only: a DoRA adapter's magnitudes are computed from the weights."""
+    if spec.peft_type != "lora":
+        raise ValueError(f"a {spec.peft_type} adapter needs the base weights to initialize")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config(model))
+    with warnings.catch_warnings():  # as in ResidentModel
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        shapes = get_peft_model_state_dict(get_peft_model(skeleton, spec.peft_config()))
+    return fresh_adapter({key: torch.zeros(tensor.shape) for key, tensor in shapes.items()}, seed)
 
 
 def _clone(state: Mapping[str, torch.Tensor]) -> StateDict:

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client.adapters import SHARED, AdapterSpec
+from client.adapters import SHARED, AdapterSpec, fresh_lora_from_config
 from client.client_app import resident_model
 from common.config import RunConfig
 from common.methods import METHODS
@@ -131,6 +131,8 @@ class Federation:
     def initial_shared(self) -> tuple[int, StateDict]:
         if self.config.resume and (latest := self.checkpoints.latest()) is not None:
             return latest
+        if self.spec.peft_type == "lora":  # shapes suffice: no base weights in the server's memory
+            return 0, fresh_lora_from_config(self.config.model, self.spec, self.config.seed)
         resident = resident_model(self.config.model, self.config.dtype, self.spec)
         return 0, resident.fresh(SHARED, seed=self.config.seed)
 

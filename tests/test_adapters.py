@@ -1,8 +1,9 @@
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel, state_digest
+from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel, fresh_lora_from_config, state_digest
 from client.store import PersonalAdapterStore
 
 
@@ -110,3 +111,16 @@ def test_store_detects_corruption_and_deletes_every_trace(resident, tmp_path):
     assert store.record("oppu", "u1") is None and not (tmp_path / record.path).exists()
     assert store.delete("u1") == 1
     assert [r.user_id for r in store.records()] == ["u2"]
+
+
+def test_the_first_shared_adapter_comes_from_the_config_alone(resident, tiny_model_dir, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the base weights were loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    from_config = fresh_lora_from_config(str(tiny_model_dir), resident.spec, seed=7)
+    expected = resident.fresh(SHARED, seed=7)
+    assert list(from_config) == list(expected)
+    assert all(torch.equal(from_config[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="dora adapter needs the base weights"):
+        fresh_lora_from_config(str(tiny_model_dir), AdapterSpec(peft_type="dora"), seed=7)
