@@ -1,10 +1,12 @@
 """Local training of one adapter slot: causal-LM loss on the target tokens only.
 
-Four things keep a step cheap on 2 CPU cores: logits only at positions that predict a target token
-(the 49k-row lm_head is skipped on prompt tokens); batches bucketed by length (less padding); and a
-prefix that every example of a batch shares (LaMP prompts open with the task's instruction, about
-two thirds of a tagging example) is run once for the batch and reused by every row as cached keys
-and values, with its gradient summed over the rows; and eager attention for short batches.
+Four things keep a step cheap on 2 CPU cores:
+- logits only at positions that predict a target token (the 49k-row lm_head skips prompt tokens);
+- batches bucketed by length (less padding);
+- a prefix every example of a batch shares (LaMP prompts open with the task's instruction, about two
+  thirds of a tagging example) runs once for the batch; every row reuses its keys and values, and
+  autograd sums its gradient over the rows;
+- eager attention for short batches, where SDPA's CPU backward is slow.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ The defaults live only in pyproject.toml; this module checks types and allowed v
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -209,6 +210,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key, value
+
+
+def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --config / --set overrides that load_run_config applies, for every command that starts runs."""
+    parser.add_argument("--config", help="TOML file of run-config overrides (flat keys, as in pyproject)")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one run-config key (repeatable)"
+    )
 
 
 def load_run_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

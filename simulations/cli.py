@@ -63,6 +63,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.config import add_run_config_arguments
     from simulations import adapter_commands, data_commands, deploy_commands, privacy_commands
 
     parser = argparse.ArgumentParser(
@@ -83,10 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the ServerApp and ClientApp of this app in Flower's simulation engine. Settings come "
         "from [tool.flwr.app.config] in pyproject.toml, then --config, then --set.",
     )
-    sim.add_argument("--config", help="TOML file of run-config overrides (flat keys, as in pyproject)")
-    sim.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override one run-config key (repeatable)"
-    )
+    add_run_config_arguments(sim)
     sim.add_argument(
         "--methods",
         help="comma list of zero-shot, rag, shared, local, oppu, oppu-rag, oppu-pag, centralized; or 'all'",

@@ -23,7 +23,7 @@ import tomli_w
 from rich.console import Console
 from rich.markup import escape
 
-from common.config import PROJECT_DIR, load_run_config
+from common.config import PROJECT_DIR, add_run_config_arguments, load_run_config
 from common.io import DataError
 from simulations.certs import CertDir, ensure_certs
 
@@ -321,8 +321,7 @@ def register(subparsers) -> None:
         "--root-certificates", metavar="CA", help="with --superlink: the federation's ca.crt"
     )
     run_parser.add_argument("--insecure", action="store_true", help="with --superlink: no TLS")
-    run_parser.add_argument("--config", help="TOML file of run-config overrides (flat keys, as in pyproject)")
-    run_parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config key")
+    add_run_config_arguments(run_parser)
     run_parser.set_defaults(func=run)
 
     certs = subparsers.add_parser("certs", help="create TLS certificates and node keys; register node keys")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common.config import PRIVACY_SETTINGS, ConfigError, RunConfig, load_run_config
+from common.config import PRIVACY_SETTINGS, ConfigError, RunConfig, add_run_config_arguments, load_run_config
 from common.io import read_json
 from simulations.privacy_report import write_privacy_report
 from simulations.simulate import new_run_dir, simulate
@@ -111,10 +111,7 @@ def register(subparsers) -> None:
         "--noise-multipliers",
         help="comma list: each DP setting given without @z runs once per value (default: the run config's)",
     )
-    compare.add_argument("--config", help="TOML file of run-config overrides (flat keys, as in pyproject)")
-    compare.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override one run-config key (repeatable)"
-    )
+    add_run_config_arguments(compare)
     compare.add_argument(
         "--results-dir", default="results", help="where run directories are created (default: results)"
     )
