@@ -29,14 +29,15 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel
 from client.inference import answer_users, generate_answers
+from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import PersonalAdapterStore
 from client.training import Example, bucketed_batches, collate, encode_example, shared_prefix_len, train_slot
-from common.benchmark import BenchmarkConfig, make_benchmark
+from common.adapters import AdapterSpec
 from common.config import PROJECT_DIR
 from common.model import load_base_model
 from common.prompts import build_prompt, target_text
+from common.synthetic import BenchmarkConfig, make_benchmark
 from common.tasks import get_task
 
 console = Console()
@@ -280,6 +281,7 @@ def bench_first_round() -> None:
             "methods=shared",
             "--set",
             "num-rounds=1",
+            "--flower-log",  # its "[ROUND 1/" line marks the start
         ]
         start = time.perf_counter()
         process = subprocess.Popen(

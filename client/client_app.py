@@ -1,11 +1,13 @@
 """fedoppu ClientApp: trains the shared adapter, trains and keeps personal adapters, evaluates.
 
-Three message types arrive from the ServerApp:
+One handler per message type of the protocol (common/protocol.py):
 - `train`: train the shared adapter on this node's users' history; reply with it and scalar metrics.
 - `train.personalize`: train each user's personal adapter for one method and store it on this
   node's disk; reply with scalar metrics only.
 - `evaluate`: answer every user's queries with one method; reply with metric counts only.
-`privacy_guard_mod` checks every reply before it leaves: personal tensors and text never do.
+The mods, outermost first: `audit_mod` logs what leaves, `privacy_layer_mod` clips, noises or masks the
+shared adapter of a `train` reply, and `privacy_guard_mod` checks every reply the handlers produce:
+personal tensors and text never leave.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel, state_digest
 from client.inference import answer_users
 from client.mods import audit_mod, privacy_guard_mod, privacy_layer_mod
+from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import PersonalAdapterStore
 from client.training import train_slot
-from client.users import NodeUsers, node_users
+from client.users import NodeUsers, UserContext, node_users
+from common import protocol
+from common.adapters import AdapterSpec, StateDict, state_digest
 from common.config import RunConfig
 from common.methods import METHODS, Method
 from common.metrics import merge_counts, metric_counts
@@ -32,6 +36,8 @@ from common.model import load_base_model
 from common.profiles import history_fingerprint
 
 WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+app = ClientApp(mods=[audit_mod, privacy_layer_mod, privacy_guard_mod])
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,163 +52,162 @@ def _node(config: RunConfig, node_items: tuple, run_dir: str) -> NodeUsers:
     return node_users(config, dict(node_items), run_dir)
 
 
-def setup(msg: Message, context: Context) -> tuple[RunConfig, ResidentModel, NodeUsers]:
+def setup(context: Context) -> tuple[RunConfig, ResidentModel, NodeUsers]:
     config = RunConfig.from_mapping(context.run_config)
     resident = resident_model(config.model, config.dtype, AdapterSpec.from_config(config))
     node = _node(config, tuple(sorted(context.node_config.items())), config.run_dir)
     return config, resident, node
 
 
-def shared_from(msg: Message) -> dict[str, torch.Tensor] | None:
-    if "arrays" not in msg.content.array_records:
-        return None
-    return msg.content.array_records["arrays"].to_torch_state_dict()
+def requested_method(msg: Message) -> Method:
+    name = str(protocol.config_value(msg, protocol.METHOD, ""))
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    return METHODS[name]
 
 
-def build_client_app(mods=()) -> ClientApp:
-    app = ClientApp(mods=[*mods, privacy_guard_mod])
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        config, resident, node = setup(msg, context)
-        shared = shared_from(msg)
-        if shared is None:
-            raise ValueError("train message carries no 'arrays' record (the shared adapter)")
-        resident.load(SHARED, shared)
-        resident.use(personal=False)
-        examples = [e for ctx in node.contexts for e in ctx.examples(resident, rag=False, profile=False)]
-        train_config = msg.content["config"]
-        server_round = int(train_config["server-round"]) + int(train_config.get("round-offset", 0))
-        # Simulation numbers nodes by partition; a deployed node has only its node id.
-        pid = int(context.node_config.get("partition-id", context.node_id))
-        started = time.perf_counter()
-        result = train_slot(
-            resident,
-            SHARED,
-            examples,
-            steps=config.local_steps,
-            batch_size=config.batch_size,
-            micro_batch_size=config.micro_batch_size,
-            learning_rate=config.learning_rate,
-            seed=config.seed * 100_003 + server_round * 7_919 + pid,
-            autocast_bf16=config.autocast_bf16,
-            proximal_mu=float(train_config.get("proximal-mu", 0.0)),
-        )
-        wire = WIRE_DTYPES[config.wire_dtype]
-        arrays = ArrayRecord({k: v.detach().to(wire) for k, v in resident.state(SHARED).items()})
-        metrics = MetricRecord(
-            {
-                # Under a privacy setting every client weighs the same (user-level sensitivity).
-                "num-examples": 1 if config.uniform_client_weights else len(examples),
-                "train-loss": result.loss,
-                "train-steps": result.steps,
-                "train-tokens": result.tokens,
-                "train-seconds": time.perf_counter() - started,
-                "bytes-sent": sum(a.numpy().nbytes for a in arrays.values()),
-            }
-        )
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-
-    @app.train("personalize")
-    def personalize(msg: Message, context: Context) -> Message:
-        config, resident, node = setup(msg, context)
-        method = _method(msg)
-        shared = shared_from(msg) if method.shared else None
-        resident.load(SHARED, shared)
-        shared_digest = state_digest(shared) if shared is not None else "none"
-        store = PersonalAdapterStore(node.state_dir)
-        shared_round = msg.content["config"].get("shared-round") if shared is not None else None
-        losses, trained, reused, started = [], 0, 0, time.perf_counter()
-        for ctx in node.contexts:
-            uid = ctx.user.user_id
-            examples = ctx.examples(resident, rag=method.rag, profile=method.profile)
-            fingerprint = history_fingerprint(ctx.user.history)
-            stored = store.load(method.name, uid)
-            if stored and (stored[0].shared_digest, stored[0].data_fingerprint) == (
-                shared_digest,
-                fingerprint,
-            ):
-                reused += 1
-                continue
-            seed = config.seed * 1_000_003 + zlib.crc32(uid.encode())
-            resident.load(PERSONAL, stored[1] if stored else resident.fresh(PERSONAL, seed))
-            resident.use(personal=True)
-            result = train_slot(
-                resident,
-                PERSONAL,
-                examples,
-                steps=math.ceil(len(examples) * config.personal_epochs / config.batch_size),
-                batch_size=config.batch_size,
-                micro_batch_size=config.micro_batch_size,
-                learning_rate=config.personal_learning_rate,
-                seed=seed,
-                autocast_bf16=config.autocast_bf16,
-            )
-            store.save(
-                method.name,
-                uid,
-                resident.state(PERSONAL),
-                resident.spec.peft_config(),
-                shared_digest=shared_digest,
-                data_fingerprint=fingerprint,
-                shared_version=None if shared_round is None else int(shared_round),
-            )
-            losses.append(result.loss)
-            trained += 1
-        metrics = {
-            "num-users": len(node.contexts),
-            "users-trained": trained,
-            "users-reused": reused,
-            "personal-seconds": time.perf_counter() - started,
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of the shared adapter on every user this node hosts."""
+    config, resident, node = setup(context)
+    shared = protocol.shared_adapter(msg)
+    if shared is None:
+        raise ValueError(f"train message carries no '{protocol.ARRAYS}' record (the shared adapter)")
+    resident.load(SHARED, shared)
+    resident.use(personal=False)
+    examples = [e for ctx in node.contexts for e in ctx.examples(resident, rag=False, profile=False)]
+    server_round = int(protocol.config_value(msg, protocol.SERVER_ROUND)) + int(
+        protocol.config_value(msg, protocol.ROUND_OFFSET, 0)
+    )
+    # Simulation numbers nodes by partition; a deployed node has only its node id.
+    pid = int(context.node_config.get("partition-id", context.node_id))
+    started = time.perf_counter()
+    result = train_slot(
+        resident,
+        SHARED,
+        examples,
+        steps=config.local_steps,
+        batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size,
+        learning_rate=config.learning_rate,
+        seed=config.seed * 100_003 + server_round * 7_919 + pid,
+        autocast_bf16=config.autocast_bf16,
+        proximal_mu=float(protocol.config_value(msg, protocol.PROXIMAL_MU, 0.0)),
+    )
+    wire = WIRE_DTYPES[config.wire_dtype]
+    arrays = ArrayRecord({k: v.detach().to(wire) for k, v in resident.state(SHARED).items()})
+    metrics = MetricRecord(
+        {
+            # Under a privacy setting every client weighs the same (user-level sensitivity).
+            protocol.NUM_EXAMPLES: 1 if config.uniform_client_weights else len(examples),
+            "train-loss": result.loss,
+            "train-steps": result.steps,
+            "train-tokens": result.tokens,
+            "train-seconds": time.perf_counter() - started,
+            "bytes-sent": sum(a.numpy().nbytes for a in arrays.values()),
         }
-        if losses:
-            metrics["personal-loss"] = sum(losses) / len(losses)
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    )
+    return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), reply_to=msg)
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        config, resident, node = setup(msg, context)
-        method = _method(msg)
-        resident.load(SHARED, shared_from(msg) if method.shared else None)
-        personal = None
-        if method.personal:
-            store = PersonalAdapterStore(node.state_dir)
-            personal = [_stored_personal(store, method, ctx.user.user_id) for ctx in node.contexts]
-        answers = answer_users(
-            resident,
-            [ctx.query_prompts(resident, rag=method.rag, profile=method.profile) for ctx in node.contexts],
-            personal,
-            max_new_tokens=node.task.max_new_tokens,
-            max_prompt_tokens=config.max_seq_len,
-            autocast_bf16=config.autocast_bf16,
+
+@app.train(protocol.PERSONALIZE_ACTION)
+def personalize(msg: Message, context: Context) -> Message:
+    """Train and store each user's personal adapter for one method, unless a stored one is current."""
+    config, resident, node = setup(context)
+    method = requested_method(msg)
+    shared = protocol.shared_adapter(msg) if method.shared else None
+    resident.load(SHARED, shared)
+    shared_digest = state_digest(shared) if shared is not None else "none"
+    shared_round = protocol.config_value(msg, protocol.SHARED_ROUND) if shared is not None else None
+    store = PersonalAdapterStore(node.state_dir)
+    losses, reused, started = [], 0, time.perf_counter()
+    for ctx in node.contexts:
+        stored = store.load(method.name, ctx.user.user_id)
+        fingerprint = history_fingerprint(ctx.user.history)
+        if stored and (stored[0].shared_digest, stored[0].data_fingerprint) == (shared_digest, fingerprint):
+            reused += 1
+            continue
+        state, loss = personal_adapter(config, resident, ctx, method, stored[1] if stored else None)
+        store.save(
+            method.name,
+            ctx.user.user_id,
+            state,
+            resident.spec.peft_config(),
+            shared_digest=shared_digest,
+            data_fingerprint=fingerprint,
+            shared_version=None if shared_round is None else int(shared_round),
         )
-        replies: dict[str, MetricRecord] = {}
-        user_counts: list[dict[str, float]] = []
-        for ctx, user_answers in zip(node.contexts, answers, strict=True):
-            counts = metric_counts(node.task, user_answers, [q.output for q in ctx.queries()])
-            user_counts.append(counts)
-            replies[f"user:{ctx.user.user_id}"] = MetricRecord({**counts, "history": len(ctx.user.history)})
-        total = merge_counts(*user_counts) if user_counts else {"n": 0}
-        replies["metrics"] = MetricRecord({**total, "num-examples": int(total["n"])})
-        return Message(RecordDict(replies), reply_to=msg)
+        losses.append(loss)
+    metrics = {
+        "num-users": len(node.contexts),
+        "users-trained": len(losses),
+        "users-reused": reused,
+        "personal-seconds": time.perf_counter() - started,
+    }
+    if losses:
+        metrics["personal-loss"] = sum(losses) / len(losses)
+    return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
-    return app
+
+def personal_adapter(
+    config: RunConfig, resident: ResidentModel, ctx: UserContext, method: Method, start: StateDict | None
+) -> tuple[StateDict, float]:
+    """Train one user's personal adapter (from `start`, or a fresh one seeded by the user id) with the
+    context its method answers with, on top of whatever the shared slot holds; returns it and its mean
+    training loss."""
+    seed = config.seed * 1_000_003 + zlib.crc32(ctx.user.user_id.encode())
+    resident.load(PERSONAL, start if start is not None else resident.fresh(PERSONAL, seed))
+    resident.use(personal=True)
+    examples = ctx.examples(resident, rag=method.rag, profile=method.profile)
+    result = train_slot(
+        resident,
+        PERSONAL,
+        examples,
+        steps=math.ceil(len(examples) * config.personal_epochs / config.batch_size),
+        batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size,
+        learning_rate=config.personal_learning_rate,
+        seed=seed,
+        autocast_bf16=config.autocast_bf16,
+    )
+    return resident.state(PERSONAL), result.loss
 
 
-def _stored_personal(store: PersonalAdapterStore, method: Method, user_id: str) -> dict[str, torch.Tensor]:
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Answer every user's queries with one method; reply with metric counts per user and in total."""
+    config, resident, node = setup(context)
+    method = requested_method(msg)
+    resident.load(SHARED, protocol.shared_adapter(msg) if method.shared else None)
+    personal = None
+    if method.personal:
+        store = PersonalAdapterStore(node.state_dir)
+        personal = [_stored_personal(store, method, ctx.user.user_id) for ctx in node.contexts]
+    answers = answer_users(
+        resident,
+        [ctx.query_prompts(resident, rag=method.rag, profile=method.profile) for ctx in node.contexts],
+        personal,
+        max_new_tokens=node.task.max_new_tokens,
+        max_prompt_tokens=config.max_seq_len,
+        autocast_bf16=config.autocast_bf16,
+    )
+    replies: dict[str, MetricRecord] = {}
+    user_counts: list[dict[str, float]] = []
+    for ctx, user_answers in zip(node.contexts, answers, strict=True):
+        counts = metric_counts(node.task, user_answers, [q.output for q in ctx.queries()])
+        user_counts.append(counts)
+        replies[protocol.user_record(ctx.user.user_id)] = MetricRecord(
+            {**counts, protocol.HISTORY_SIZE: len(ctx.user.history)}
+        )
+    total = merge_counts(*user_counts) if user_counts else {"n": 0}
+    replies[protocol.METRICS] = MetricRecord({**total, protocol.NUM_EXAMPLES: int(total["n"])})
+    return Message(RecordDict(replies), reply_to=msg)
+
+
+def _stored_personal(store: PersonalAdapterStore, method: Method, user_id: str) -> StateDict:
     stored = store.load(method.name, user_id)
     if stored is None:
         raise RuntimeError(
             f"no valid personal adapter '{method.name}' for user {user_id} in {store.root}: personalize before evaluating"
         )
     return stored[1]
-
-
-def _method(msg: Message) -> Method:
-    name = str(msg.content["config"]["method"])
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
-    return METHODS[name]
-
-
-app = build_client_app(mods=[audit_mod, privacy_layer_mod])

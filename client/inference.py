@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from client.adapters import PERSONAL, ResidentModel, StateDict
+from client.resident import PERSONAL, ResidentModel
+from common.adapters import StateDict
 
 
 @torch.inference_mode()
@@ -29,21 +30,21 @@ def generate_answers(
     tokenizer = resident.tokenizer
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [
-            tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
-            for p in prompts[start : start + batch_size]
-        ]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = torch.tensor(row)
-            attention[i, width - len(row) :] = 1
+        # The tokenizer pads and truncates on the left (common.model): prompts keep their newest tokens.
+        batch = tokenizer(
+            list(prompts[start : start + batch_size]),
+            add_special_tokens=False,
+            padding=True,
+            truncation=True,
+            max_length=max_prompt_tokens,
+            return_tensors="pt",
+        )
+        width = batch["input_ids"].shape[1]
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
         with autocast:
             output = resident.peft.generate(
-                input_ids=ids,
-                attention_mask=attention,
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp.mod import fixedclipping_mod
@@ -30,8 +29,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
-# The shared adapter's key order, sent in legacy fit configs: legacy Parameters carry no names.
-LEGACY_KEYS = "arrays-keys"
+from common import protocol
 
 
 class PrivacyViolation(RuntimeError):
@@ -49,16 +47,16 @@ def check_reply(msg: Message, reply: Message) -> None:
             f"reply to {msg.metadata.message_type} carries config records {list(content.config_records)}"
         )
     arrays = content.array_records
-    if msg.metadata.message_type != "train":
+    if msg.metadata.message_type != protocol.TRAIN:
         if arrays:
             raise PrivacyViolation(f"reply to {msg.metadata.message_type} carries arrays {list(arrays)}")
         return
     sent = msg.content.array_records
-    if list(arrays) != ["arrays"] or "arrays" not in sent:
+    if list(arrays) != [protocol.ARRAYS] or protocol.ARRAYS not in sent:
         raise PrivacyViolation(
-            f"train reply must carry exactly the 'arrays' record it received, got {list(arrays)}"
+            f"train reply must carry exactly the '{protocol.ARRAYS}' record it received, got {list(arrays)}"
         )
-    if _shapes(arrays["arrays"]) != _shapes(sent["arrays"]):
+    if _shapes(arrays[protocol.ARRAYS]) != _shapes(sent[protocol.ARRAYS]):
         raise PrivacyViolation(
             "train reply's tensors differ in keys or shapes from the shared adapter that was sent"
         )
@@ -101,31 +99,31 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     return reply
 
 
-class LocalDpMod:
+class LocalGaussianMod:
     """Local DP: clip this client's update to C and add N(0, (z*C)^2) noise before the reply leaves.
 
-    Unlike Flower's LocalDpMod (noise calibrated from a one-shot epsilon), the noise is given as a
-    multiplier so the server can compose epsilon over rounds with an accountant. The noise comes from
+    Not Flower's `LocalDpMod`, whose noise is calibrated from a one-shot epsilon and never composed:
+    here the noise is given as a multiplier so that epsilon composes over rounds in an accountant. The noise comes from
     a generator seeded by the OS: training seeds are public, so noise drawn from them could be removed.
     """
 
     def __init__(self, clipping_norm: float, noise_multiplier: float) -> None:
         if clipping_norm <= 0 or noise_multiplier <= 0:
-            raise ValueError("LocalDpMod needs a clipping norm and a noise multiplier > 0")
+            raise ValueError("LocalGaussianMod needs a clipping norm and a noise multiplier > 0")
         self.clipping_norm = clipping_norm
         self.noise_multiplier = noise_multiplier
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        received = msg.content["arrays"].to_numpy_ndarrays()
+        received = msg.content[protocol.ARRAYS].to_numpy_ndarrays()
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
-        record = reply.content["arrays"]
+        record = reply.content[protocol.ARRAYS]
         arrays = [a.astype(np.float32) for a in record.to_numpy_ndarrays()]
         compute_clip_model_update(arrays, received, self.clipping_norm)
         rng = np.random.default_rng()
         noisy = [a + rng.normal(0.0, self.noise_multiplier * self.clipping_norm, a.shape) for a in arrays]
-        reply.content["arrays"] = ArrayRecord(
+        reply.content[protocol.ARRAYS] = ArrayRecord(
             {k: Array(a.astype(np.float32)) for k, a in zip(record.keys(), noisy, strict=True)}
         )
         return reply
@@ -139,23 +137,23 @@ def legacy_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     """
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
-    keys = str(config.pop(LEGACY_KEYS)).split(",")
+    keys = str(config.pop(protocol.LEGACY_KEYS)).split(",")
     received = parameters_to_ndarrays(fitins.parameters)
     inner = copy.copy(msg)
     inner.content = RecordDict(
         {
-            "arrays": ArrayRecord({k: Array(a) for k, a in zip(keys, received, strict=True)}),
-            "config": ConfigRecord(config),
+            protocol.ARRAYS: ArrayRecord({k: Array(a) for k, a in zip(keys, received, strict=True)}),
+            protocol.CONFIG: ConfigRecord(config),
         }
     )
     reply = call_next(inner, context)
     if reply.has_error():
         return reply
-    record, metrics = reply.content["arrays"], dict(reply.content["metrics"])
+    record, metrics = reply.content[protocol.ARRAYS], dict(reply.content[protocol.METRICS])
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters([record[k].numpy() for k in keys]),
-        num_examples=int(metrics["num-examples"]),
+        num_examples=int(metrics[protocol.NUM_EXAMPLES]),
         metrics=metrics,
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
@@ -167,7 +165,7 @@ def train_privacy_mods(run_config: dict) -> list[Mod]:
     if setting == "client-dp":
         return [fixedclipping_mod]  # the server's wrapper sends the clipping norm
     if setting == "local-dp":
-        return [LocalDpMod(float(run_config["clipping-norm"]), float(run_config["noise-multiplier"]))]
+        return [LocalGaussianMod(float(run_config["clipping-norm"]), float(run_config["noise-multiplier"]))]
     if setting == "secagg":
         return [secaggplus_mod, legacy_train_mod]
     if setting == "secagg+dp":
@@ -177,6 +175,6 @@ def train_privacy_mods(run_config: dict) -> list[Mod]:
 
 def privacy_layer_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Apply the privacy setting to the shared adapter's `train` action and to nothing else."""
-    if msg.metadata.message_type != MessageType.TRAIN:
+    if msg.metadata.message_type != protocol.TRAIN:
         return call_next(msg, context)
     return make_ffn(call_next, train_privacy_mods(context.run_config))(msg, context)

@@ -26,8 +26,15 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from common.io import DataError, atomic_directory, atomic_write_bytes, atomic_write_json, read_json
-from common.peft_io import WEIGHTS, file_sha256, read_adapter, write_adapter
+from common.io import (
+    DataError,
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sha256,
+    read_json,
+)
+from common.peft_io import WEIGHTS, read_adapter, write_adapter
 
 MANIFEST = "manifest.json"
 PROFILES = "profiles"  # the node's profile cache, next to its adapters

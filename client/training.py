@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from client.adapters import ResidentModel
+from client.resident import ResidentModel
 
 # A shorter common prefix saves less than the extra pass through the layers costs.
 MIN_SHARED_PREFIX = 16

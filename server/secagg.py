@@ -1,7 +1,7 @@
 """SecAgg+ for the shared adapter, on Flower's legacy workflow: the only place Flower 1.42 offers it.
 
 The server never sees one client's update, only the sum of all of them (docs/privacy.md). Clients
-answer with the same train handler as every other setting; `client.mods.legacy_train_mod` translates
+answer with the same train handler as every other setting; the ClientApp's `legacy_train_mod` translates
 the legacy fit records. Per-round evaluation, checkpoints and accounting run in the same `after_round`
 hook the Message-API strategies call.
 """
@@ -19,10 +19,9 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from client.mods import LEGACY_KEYS
+from common import protocol
+from common.adapters import StateDict
 from server.privacy import PrivacyLayer
-
-StateDict = dict[str, torch.Tensor]
 
 # Every sampled client shares its masking secrets with all others (num_shares = 1.0 of them); masks
 # are recovered from any half of them, so the server colluding with fewer than half the clients
@@ -49,11 +48,15 @@ def run_secagg(
         )
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
-        return {"server-round": server_round, "round-offset": round_offset, LEGACY_KEYS: ",".join(keys)}
+        return {
+            protocol.SERVER_ROUND: server_round,
+            protocol.ROUND_OFFSET: round_offset,
+            protocol.LEGACY_KEYS: ",".join(keys),
+        }
 
     def fit_metrics(results: list[tuple[int, Metrics]]) -> Metrics:
-        records = [RecordDict({"metrics": MetricRecord(dict(metrics))}) for _, metrics in results]
-        return dict(aggregate_train(records, "num-examples"))
+        records = [RecordDict({protocol.METRICS: MetricRecord(dict(metrics))}) for _, metrics in results]
+        return dict(aggregate_train(records, protocol.NUM_EXAMPLES))
 
     strategy = LegacyFedAvg(
         fraction_fit=privacy.config.fraction_train,

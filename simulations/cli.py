@@ -1,4 +1,5 @@
-"""The `fedoppu` command line."""
+"""The `fedoppu` command line: `info` and `simulate` here, and each role's own commands registered
+from where they live (server/commands.py, client/commands.py, simulations' data and privacy commands)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-console = Console(stderr=True)
+from common.cli import console
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def info_command(args: argparse.Namespace) -> int:
     from common.model import DEFAULT_MODEL, ModelNotFoundError, cache_root, cache_status, resolve_model
 
     out = Console()
@@ -42,12 +43,14 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def simulate_command(args: argparse.Namespace) -> int:
     from common.config import load_run_config
+    from simulations.engine import EngineOptions
     from simulations.simulate import expand_methods, new_run_dir, resume, simulate
 
+    engine = EngineOptions.from_args(args)
     if args.resume:
-        resume(args.resume, args.cpus_per_client)
+        resume(args.resume, engine)
         return 0
     overrides = list(args.set or [])
     centralized = False
@@ -56,15 +59,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         overrides.append(f'methods="{methods}"')
     config = load_run_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, config.task or "data")
-    simulate(
-        config.replace(run_dir=str(run_dir)), centralized=centralized, cpus_per_client=args.cpus_per_client
-    )
+    simulate(config.replace(run_dir=str(run_dir)), centralized=centralized, engine=engine)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common.config import add_run_config_arguments
-    from simulations import adapter_commands, data_commands, deploy_commands, privacy_commands
+    from client import commands as node_commands
+    from common.cli import add_run_config_arguments
+    from server import commands as server_commands
+    from simulations import data_commands, privacy_commands
+    from simulations.engine import add_engine_arguments
 
     parser = argparse.ArgumentParser(
         prog="fedoppu",
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument(
         "--model", help="a model name, HF id or directory to resolve (default: the run config's)"
     )
-    info.set_defaults(func=cmd_info)
+    info.set_defaults(func=info_command)
 
     sim = commands.add_parser(
         "simulate",
@@ -94,15 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--run-dir", help="exact run directory (default: results/<timestamp>-<task>)")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpointed round")
-    sim.add_argument(
-        "--cpus-per-client", type=int, default=1, help="CPU cores per simulated client (default: 1)"
-    )
-    sim.set_defaults(func=cmd_simulate)
+    add_engine_arguments(sim)
+    sim.set_defaults(func=simulate_command)
 
     data_commands.register(commands)
     privacy_commands.register(commands)
-    deploy_commands.register(commands)
-    adapter_commands.register(commands)
+    server_commands.register(commands)
+    node_commands.register(commands)
     return parser
 
 

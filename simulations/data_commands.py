@@ -12,9 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.benchmark import BUILTIN_TASKS, BenchmarkConfig, make_benchmark, write_benchmark
-from common.data import Dataset, load_dataset
+from common.data import Dataset
 from common.io import DataError
+from common.loaders import load_dataset
+from common.synthetic import BUILTIN_TASKS, BenchmarkConfig, make_benchmark, write_benchmark
 from common.tasks import get_task
 
 
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
     make.add_argument(
         "--out", required=True, type=Path, help="directory to write user_history.json and user_labels.json to"
     )
-    make.set_defaults(func=make_benchmark_command)
+    make.set_defaults(func=data_make_benchmark_command)
 
     inspect = commands.add_parser("inspect", help="validate a data set and print a summary of it")
     inspect.add_argument("path", type=Path, help="a data directory (OPPU or LaMP layout) or a .jsonl file")
@@ -50,10 +51,10 @@ def register(subparsers) -> None:
         default=None,
         help="JSONL only: this fraction of each user's items are queries",
     )
-    inspect.set_defaults(func=inspect_command)
+    inspect.set_defaults(func=data_inspect_command)
 
 
-def make_benchmark_command(args: argparse.Namespace) -> int:
+def data_make_benchmark_command(args: argparse.Namespace) -> int:
     try:
         config = BenchmarkConfig(**{f.name: getattr(args, f.name) for f in fields(BenchmarkConfig)})
     except ValueError as err:  # a bad knob
@@ -64,7 +65,7 @@ def make_benchmark_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def inspect_command(args: argparse.Namespace) -> int:
+def data_inspect_command(args: argparse.Namespace) -> int:
     try:
         dataset = load_dataset(
             args.path, args.task, queries_per_user=args.queries_per_user, query_fraction=args.query_fraction

@@ -8,9 +8,12 @@ background process is left behind. Written against flwr 1.42 (the pinned minor v
 
 from __future__ import annotations
 
+import argparse
 import logging
 import multiprocessing
 import os
+import warnings
+from dataclasses import dataclass
 
 from flwr.app import Context, RecordDict
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -21,25 +24,47 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
-from common.config import PROJECT_DIR, RunConfig
+from common.config import PROJECT_DIR, RunConfig, flower_app_table
 
 
 def _components() -> tuple[str, str]:
-    import tomllib
-
-    with open(PROJECT_DIR / "pyproject.toml", "rb") as handle:
-        components = tomllib.load(handle)["tool"]["flwr"]["app"]["components"]
+    components = flower_app_table()["components"]
     return components["serverapp"], components["clientapp"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a simulated federation uses this machine; not part of the run config (results do not
+    depend on it)."""
+
+    cpus_per_client: int = 1
+    flower_log: bool = False  # Flower's own INFO log (rounds, sampling) besides fedoppu's progress
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineOptions:
+        return cls(args.cpus_per_client, args.flower_log)
+
+
+DEFAULT_ENGINE = EngineOptions()
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpus-per-client", type=int, default=1, help="CPU cores per simulated client (default: 1)"
+    )
+    parser.add_argument(
+        "--flower-log", action="store_true", help="also show Flower's own log (rounds, sampling, Ray)"
+    )
 
 
 class FederationFailed(RuntimeError):
     """The federation's process ended with an error (its traceback was printed above)."""
 
 
-def run_federation(config: RunConfig, num_supernodes: int, cpus_per_client: int = 1) -> None:
+def run_federation(config: RunConfig, num_supernodes: int, engine: EngineOptions = DEFAULT_ENGINE) -> None:
     """Run one federation in a fresh process, so no Ray or Flower state leaks between federations."""
     process = multiprocessing.get_context("spawn").Process(
-        target=_run_in_process, args=(config, num_supernodes, cpus_per_client), name="fedoppu-federation"
+        target=_run_in_process, args=(config, num_supernodes, engine), name="fedoppu-federation"
     )
     process.start()
     try:
@@ -52,9 +77,12 @@ def run_federation(config: RunConfig, num_supernodes: int, cpus_per_client: int 
         raise FederationFailed(f"the federation in {config.run_dir} failed (exit code {process.exitcode})")
 
 
-def _run_in_process(config: RunConfig, num_supernodes: int, cpus_per_client: int) -> None:
+def _run_in_process(config: RunConfig, num_supernodes: int, engine: EngineOptions) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not engine.flower_log:  # fedoppu's progress bars and report are what a user reads
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
     server_attr, client_attr = _components()
     run_config = config.to_flower()
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
@@ -66,7 +94,7 @@ def _run_in_process(config: RunConfig, num_supernodes: int, cpus_per_client: int
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     total_cpus = os.cpu_count() or 1
     backend_config = {
-        "client_resources": {"num_cpus": min(cpus_per_client, total_cpus), "num_gpus": 0.0},
+        "client_resources": {"num_cpus": min(engine.cpus_per_client, total_cpus), "num_gpus": 0.0},
         "init_args": {"num_cpus": total_cpus, "logging_level": logging.ERROR, "log_to_driver": True},
     }
     _run_simulation(

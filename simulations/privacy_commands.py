@@ -13,12 +13,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common.config import PRIVACY_SETTINGS, ConfigError, RunConfig, add_run_config_arguments, load_run_config
+from common.cli import add_run_config_arguments, console
+from common.config import PRIVACY_SETTINGS, ConfigError, RunConfig, load_run_config
 from common.io import read_json
+from simulations.engine import EngineOptions, add_engine_arguments
 from simulations.privacy_report import write_privacy_report
 from simulations.simulate import new_run_dir, simulate
 
-console = Console(stderr=True)
 # Five federations: the no-privacy reference, central DP at a weak and a standard noise level, local DP and
 # SecAgg+. client-dp and secagg+dp release the same noised mean as central-dp (only who clips differs).
 DEFAULT_SETTINGS = "none,central-dp@0.1,central-dp@1,local-dp@1,secagg"
@@ -62,7 +63,7 @@ def parse_grid(settings: str, noise_multipliers: str | None, default_noise: floa
     return unique
 
 
-def run_point(base: RunConfig, point: GridPoint, run_dir: Path, cpus_per_client: int) -> Path:
+def run_point(base: RunConfig, point: GridPoint, run_dir: Path, engine: EngineOptions) -> Path:
     point_dir = run_dir / "runs" / point.label
     metrics = point_dir / "metrics.json"
     if metrics.exists() and read_json(metrics).get("status") in FINISHED:
@@ -78,16 +79,17 @@ def run_point(base: RunConfig, point: GridPoint, run_dir: Path, cpus_per_client:
     )
     config.validate(f"--settings {point.label}")
     console.rule(f"[bold]{point.label}")
-    return simulate(config, centralized=False, cpus_per_client=cpus_per_client)
+    return simulate(config, centralized=False, engine=engine)
 
 
-def cmd_compare_privacy(args: argparse.Namespace) -> int:
+def compare_privacy_command(args: argparse.Namespace) -> int:
     base = load_run_config(args.config, list(args.set or []))
     points = parse_grid(args.settings, args.noise_multipliers, base.noise_multiplier)
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, f"privacy-{base.task}")
     console.print(f"[bold]compare-privacy[/]: {len(points)} federations -> {run_dir}")
     console.print(", ".join(p.label for p in points))
-    point_dirs = {point.label: run_point(base, point, run_dir, args.cpus_per_client) for point in points}
+    engine = EngineOptions.from_args(args)
+    point_dirs = {point.label: run_point(base, point, run_dir, engine) for point in points}
     out = Console()
     write_privacy_report(run_dir, point_dirs, out if out.is_terminal else Console(width=160))
     return 0
@@ -118,7 +120,5 @@ def register(subparsers) -> None:
     compare.add_argument(
         "--run-dir", help="exact directory (default: results/<timestamp>-privacy-<task>); reruns continue it"
     )
-    compare.add_argument(
-        "--cpus-per-client", type=int, default=1, help="CPU cores per simulated client (default: 1)"
-    )
-    compare.set_defaults(func=cmd_compare_privacy)
+    add_engine_arguments(compare)
+    compare.set_defaults(func=compare_privacy_command)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rich.console import Console
-
-from client.users import load_data, num_partitions
+from common.cli import console
 from common.config import METHODS, RunConfig, default_config_values
 from common.io import atomic_write_json, read_json
-from simulations.engine import run_federation
+from common.loaders import load_run_dataset, num_partitions
+from simulations.engine import DEFAULT_ENGINE, EngineOptions, run_federation
 from simulations.report import write_report
 
-console = Console(stderr=True)
 ALL = "all"
 
 
@@ -43,7 +41,7 @@ def new_run_dir(results_dir: str | Path, task: str) -> Path:
 
 def prepare(config: RunConfig, run_dir: Path, centralized: bool) -> tuple[RunConfig, int]:
     """Resolve the task and node count from the data, and record the exact config of the run."""
-    dataset = load_data(config)
+    dataset = load_run_dataset(config)
     config = config.replace(task=config.task or dataset.task, run_dir=str(run_dir))
     nodes = num_partitions(len(dataset.users), config.users_per_client)
     atomic_write_json(
@@ -58,7 +56,7 @@ def prepare(config: RunConfig, run_dir: Path, centralized: bool) -> tuple[RunCon
     return config, nodes
 
 
-def simulate(config: RunConfig, *, centralized: bool, cpus_per_client: int = 1) -> Path:
+def simulate(config: RunConfig, *, centralized: bool, engine: EngineOptions = DEFAULT_ENGINE) -> Path:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config, nodes = prepare(config, run_dir, centralized)
@@ -68,9 +66,9 @@ def simulate(config: RunConfig, *, centralized: bool, cpus_per_client: int = 1) 
     )
     console.print(f"results: {run_dir}")
     if config.method_list:
-        run_federation(config, nodes, cpus_per_client)
+        run_federation(config, nodes, engine)
     if centralized:
-        run_centralized(config, nodes, cpus_per_client)
+        run_centralized(config, nodes, engine)
     metrics_path = run_dir / "metrics.json"
     metrics = read_json(metrics_path)
     previous = metrics.get("wall_seconds", 0.0) if config.resume else 0.0
@@ -80,10 +78,10 @@ def simulate(config: RunConfig, *, centralized: bool, cpus_per_client: int = 1) 
     return run_dir
 
 
-def run_centralized(config: RunConfig, nodes: int, cpus_per_client: int) -> None:
+def run_centralized(config: RunConfig, nodes: int, engine: EngineOptions) -> None:
     """All histories on one node, as many shared-adapter steps per round as all clients together."""
     central_dir = Path(config.run_dir) / "centralized"
-    users = len(load_data(config).users)
+    users = len(load_run_dataset(config).users)
     central = config.replace(
         users_per_client=users,
         local_steps=config.local_steps * nodes,
@@ -94,7 +92,7 @@ def run_centralized(config: RunConfig, nodes: int, cpus_per_client: int) -> None
     console.print(f"[bold]centralized reference[/]: {users} users pooled on one node")
     recorded = central_dir / "metrics.json"
     if not (config.resume and recorded.exists() and read_json(recorded).get("status") == "complete"):
-        run_federation(central, 1, cpus_per_client)
+        run_federation(central, 1, engine)
     pooled = read_json(central_dir / "metrics.json")
     main_path = Path(config.run_dir) / "metrics.json"
     main = read_json(main_path) if main_path.exists() else {"methods": {}, "rounds": []}
@@ -105,11 +103,11 @@ def run_centralized(config: RunConfig, nodes: int, cpus_per_client: int) -> None
     atomic_write_json(main_path, main)
 
 
-def resume(run_dir: str | Path, cpus_per_client: int = 1) -> Path:
+def resume(run_dir: str | Path, engine: EngineOptions = DEFAULT_ENGINE) -> Path:
     """Continue an interrupted run from its last checkpointed round, with its recorded config."""
     run_dir = Path(run_dir)
     recorded = read_json(run_dir / "config.json")
     # Keys added to the app after the run was recorded take today's defaults.
     values = {**default_config_values(), **recorded["run_config"]}
     config = RunConfig.from_mapping(values, str(run_dir / "config.json")).replace(resume=True)
-    return simulate(config, centralized=bool(recorded.get("centralized")), cpus_per_client=cpus_per_client)
+    return simulate(config, centralized=bool(recorded.get("centralized")), engine=engine)

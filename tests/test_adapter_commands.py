@@ -10,8 +10,9 @@ import torch
 from conftest import tiny_llama
 from peft import PeftModel
 
-from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel
+from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import PROFILES, STATE_DIR, PersonalAdapterStore
+from common.adapters import AdapterSpec
 from common.profiles import ProfileCache
 from simulations.cli import main
 

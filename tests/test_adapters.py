@@ -3,8 +3,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel, fresh_lora_from_config, state_digest
+from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import PersonalAdapterStore
+from common.adapters import AdapterSpec, fresh_lora_from_config, state_digest
 
 
 @pytest.fixture()

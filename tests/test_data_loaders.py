@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from common.data import Item, load_dataset
+from common.data import Item
 from common.io import DataError
+from common.loaders import load_dataset
 from simulations import data_commands
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commit-subjects-flower"

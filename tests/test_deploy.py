@@ -27,14 +27,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from client.commands import supernode_command
 from client.store import STATE_DIR
-from common.benchmark import BenchmarkConfig, make_benchmark, write_benchmark
-from common.io import read_json
-from common.peft_io import file_sha256
+from common.flower_processes import DeployError
+from common.io import file_sha256, read_json
 from common.profiles import history_fingerprint
-from simulations.certs import CertDir, CertError, ensure_certs, server_hosts
+from common.synthetic import BenchmarkConfig, make_benchmark, write_benchmark
+from server.certs import CertDir, CertError, ensure_certs, server_hosts
+from server.commands import superlink_command
 from simulations.cli import main
-from simulations.deploy_commands import DeployError, superlink_command, supernode_command
 
 # -- certificates and command lines (fast) -------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from server.federation import ClientFailure, user_counts
-from server.traffic import TrafficMeter
+from server.grid import MeteredSortedGrid
 
 
 def _reply(node_id: int, records: dict[str, dict[str, float]]):
@@ -47,7 +47,7 @@ def test_replies_reach_aggregation_in_the_same_order_whatever_order_they_arrive_
                 }
             )
         grid = SimpleNamespace(send_and_receive=lambda messages, timeout=None: iter(replies))
-        meter = TrafficMeter(grid)
+        meter = MeteredSortedGrid(grid)
         return [r.metadata.src_node_id for r in meter.send_and_receive([], timeout=None)], meter
 
     first, meter = arriving([30, 10, 20])

@@ -12,8 +12,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common import Code, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from client.mods import LEGACY_KEYS, legacy_train_mod, privacy_layer_mod, train_privacy_mods
+from client.mods import legacy_train_mod, privacy_layer_mod, train_privacy_mods
 from common.config import ConfigError, load_run_config
+from common.protocol import LEGACY_KEYS
 from server.privacy import PrivacyLayer
 from server.strategy import build_strategy
 from simulations.privacy_commands import GridPoint, parse_grid

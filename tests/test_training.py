@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from client.adapters import PERSONAL, SHARED, AdapterSpec, ResidentModel
 from client.inference import answer_users, generate_answers
+from client.resident import PERSONAL, SHARED, ResidentModel
 from client.training import (
     MIN_SHARED_PREFIX,
     bucketed_batches,
@@ -14,6 +14,7 @@ from client.training import (
     train_slot,
     training_attention,
 )
+from common.adapters import AdapterSpec
 
 
 def test_encode_keeps_the_target_and_cuts_the_oldest_prompt_tokens(tokenizer):

@@ -1,4 +1,4 @@
-"""The server's view of a round's traffic: bytes each client uploads, and replies in a fixed order.
+"""The Grid every round goes through: it meters the bytes each client uploads and sorts the replies.
 
 Counting on the server side covers every protocol alike: one reply per round for the Message-API
 strategies, four per round (keys, shares, masked vector, unmasking shares) for SecAgg+. Replies are
@@ -14,13 +14,14 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from flwr.app import Message
-from flwr.app.message_type import MessageType
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
+from common import protocol
 
-class TrafficMeter:
-    """A Grid that counts the serialized size of train replies and orders replies by their arrays."""
+
+class MeteredSortedGrid:
+    """A Grid that counts the serialized size of train replies and hands replies on sorted by their arrays."""
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
@@ -34,7 +35,7 @@ class TrafficMeter:
     ) -> Iterable[Message]:
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
-            if reply.metadata.message_type == MessageType.TRAIN and reply.has_content():
+            if reply.metadata.message_type == protocol.TRAIN and reply.has_content():
                 self._bytes[reply.metadata.src_node_id] += recorddict_to_proto(reply.content).ByteSize()
         return sorted(replies, key=_arrays_digest)
 

@@ -4,9 +4,10 @@ from dataclasses import replace
 
 import pytest
 
-from common.benchmark import BUILTIN_TASKS, BenchmarkConfig, make_benchmark, write_benchmark
-from common.data import load_dataset
+from common.config import load_run_config
+from common.loaders import load_dataset
 from common.metrics import compute_metrics
+from common.synthetic import BUILTIN_TASKS, BenchmarkConfig, make_benchmark, write_benchmark
 from common.tasks import BUILTIN_TAGS, TASKS
 from simulations import data_commands
 
@@ -146,7 +147,18 @@ def test_make_benchmark_command(tmp_path, capsys):
     out = tmp_path / "bench"
     assert (
         _run(
-            "data", "make-benchmark", "--task", "rating", "--num-users", "5", "--seed", "3", "--out", str(out)
+            "data",
+            "make-benchmark",
+            "--task",
+            "rating",
+            "--num-users",
+            "5",
+            "--max-history",
+            "96",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
         )
         == 0
     )
@@ -154,6 +166,13 @@ def test_make_benchmark_command(tmp_path, capsys):
     assert "synthetic" in printed and "rating (rating, metric mae)" in printed
     assert "min 16 / median 39 / max 96" in printed
     dataset = load_dataset(out)
-    assert dataset.users == make_benchmark(BenchmarkConfig(task="rating", num_users=5, seed=3)).users
+    assert (
+        dataset.users
+        == make_benchmark(BenchmarkConfig(task="rating", num_users=5, max_history=96, seed=3)).users
+    )
     assert _run("data", "make-benchmark", "--personal-strength", "-1", "--out", str(out)) == 2
     assert "personal_strength must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_the_benchmarks_defaults_are_the_run_configs():
+    assert BenchmarkConfig() == BenchmarkConfig.from_run_config(load_run_config())

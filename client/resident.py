@@ -7,59 +7,17 @@ one adapter per user. Both slots are active together: output = base + shared del
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import math
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.config import RunConfig
-from common.model import model_config
+from common.adapters import AdapterSpec, StateDict, clone_state, fresh_adapter, with_adapter
 
 SHARED = "shared"
 PERSONAL = "personal"
 ANSWER = "answer-{}"
-StateDict = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """The PEFT settings both adapters use (OPPU: LoRA r=8, alpha=8 on q_proj and v_proj)."""
-
-    peft_type: str = "lora"
-    r: int = 8
-    alpha: int = 8
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-
-    @classmethod
-    def from_config(cls, config: RunConfig) -> AdapterSpec:
-        return cls(
-            config.peft_type,
-            config.lora_r,
-            config.lora_alpha,
-            config.lora_dropout,
-            tuple(config.target_module_list),
-        )
-
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            use_dora=self.peft_type == "dora",
-            task_type="CAUSAL_LM",
-        )
-
-    def answer_config(self) -> LoraConfig:
-        """Shared and personal concatenated: rank 2r with alpha 2*alpha keeps the same alpha/r scale."""
-        return dataclasses.replace(self, r=2 * self.r, alpha=2 * self.alpha).peft_config()
 
 
 class ResidentModel:
@@ -68,11 +26,9 @@ class ResidentModel:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: AdapterSpec) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
-        with warnings.catch_warnings():  # peft calls a transformers API that is deprecated in v5
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            self.peft: PeftModel = get_peft_model(model, spec.peft_config(), adapter_name=SHARED)
+        self.peft: PeftModel = with_adapter(model, spec, adapter_name=SHARED)
         self.peft.add_adapter(PERSONAL, spec.peft_config())
-        self._identity = {slot: _clone(self.state(slot)) for slot in (SHARED, PERSONAL)}
+        self._identity = {slot: clone_state(self.state(slot)) for slot in (SHARED, PERSONAL)}
         self.peft.eval()  # training switches to train mode only for its own steps
         self.use(personal=False)
 
@@ -141,41 +97,3 @@ class ResidentModel:
         for param in params:
             param.requires_grad_(True)
         return params
-
-
-def fresh_adapter(identity: Mapping[str, torch.Tensor], seed: int) -> StateDict:
-    """`identity` (a zero-delta adapter) with its A matrices drawn as PEFT draws them, from a seed."""
-    generator = torch.Generator().manual_seed(seed)
-    state = _clone(identity)
-    for key, tensor in state.items():
-        if "lora_A" in key:
-            bound = 1.0 / math.sqrt(tensor.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound
-            tensor.uniform_(-bound, bound, generator=generator)
-    return state
-
-
-def fresh_lora_from_config(model: str, spec: AdapterSpec, seed: int) -> StateDict:
-    """The same adapter as `ResidentModel.fresh`, with shapes taken from a weightless (meta-device)
-    copy of the model: the server creates the first shared adapter without loading base weights.
-    LoRA only: a DoRA adapter's magnitudes are computed from the weights."""
-    if spec.peft_type != "lora":
-        raise ValueError(f"a {spec.peft_type} adapter needs the base weights to initialize")
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config(model))
-    with warnings.catch_warnings():  # as in ResidentModel
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        shapes = get_peft_model_state_dict(get_peft_model(skeleton, spec.peft_config()))
-    return fresh_adapter({key: torch.zeros(tensor.shape) for key, tensor in shapes.items()}, seed)
-
-
-def _clone(state: Mapping[str, torch.Tensor]) -> StateDict:
-    return {key: tensor.detach().clone().float() for key, tensor in state.items()}
-
-
-def state_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """A content hash of an adapter, recorded with personal adapters to know what they were trained on."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]

@@ -1,0 +1,109 @@
+"""The adapters' spec and how a new one is drawn: what the server and every client must agree on.
+
+The server creates the first shared adapter and every client creates its personal ones with the same
+spec and the same draw (PEFT's LoRA init from a seed), so both sides import this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from common.config import RunConfig
+from common.model import load_base_model, model_config
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The PEFT settings both adapters use (OPPU: LoRA r=8, alpha=8 on q_proj and v_proj)."""
+
+    peft_type: str = "lora"
+    r: int = 8
+    alpha: int = 8
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> AdapterSpec:
+        return cls(
+            config.peft_type,
+            config.lora_r,
+            config.lora_alpha,
+            config.lora_dropout,
+            tuple(config.target_module_list),
+        )
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            use_dora=self.peft_type == "dora",
+            task_type="CAUSAL_LM",
+        )
+
+    def answer_config(self) -> LoraConfig:
+        """Shared and personal concatenated: rank 2r with alpha 2*alpha keeps the same alpha/r scale."""
+        return dataclasses.replace(self, r=2 * self.r, alpha=2 * self.alpha).peft_config()
+
+
+def with_adapter(model: PreTrainedModel, spec: AdapterSpec, adapter_name: str = "default") -> PeftModel:
+    """`get_peft_model`, without the FutureWarning peft raises by calling a transformers v5-deprecated API."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, spec.peft_config(), adapter_name=adapter_name)
+
+
+def clone_state(state: Mapping[str, torch.Tensor]) -> StateDict:
+    return {key: tensor.detach().clone().float() for key, tensor in state.items()}
+
+
+def fresh_adapter(identity: Mapping[str, torch.Tensor], seed: int) -> StateDict:
+    """`identity` (a zero-delta adapter) with its A matrices drawn as PEFT's LoRA layer draws them
+    (Kaiming-uniform, a = sqrt(5)), from a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    state = clone_state(identity)
+    for key, tensor in state.items():
+        if "lora_A" in key:
+            torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
+    return state
+
+
+def fresh_lora_from_config(model: str, spec: AdapterSpec, seed: int) -> StateDict:
+    """The same adapter as a client's resident model draws, with shapes taken from a weightless
+    (meta-device) copy of the model: the server creates the first shared adapter without loading base
+    weights. LoRA only: a DoRA adapter's magnitudes are computed from the weights."""
+    if spec.peft_type != "lora":
+        raise ValueError(f"a {spec.peft_type} adapter needs the base weights to initialize")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config(model))
+    shapes = get_peft_model_state_dict(with_adapter(skeleton, spec))
+    return fresh_adapter({key: torch.zeros(tensor.shape) for key, tensor in shapes.items()}, seed)
+
+
+def initial_adapter(model: str, dtype: str, spec: AdapterSpec, seed: int) -> StateDict:
+    """The first shared adapter: from the config alone for LoRA, from the base weights for DoRA."""
+    if spec.peft_type == "lora":
+        return fresh_lora_from_config(model, spec, seed)
+    base, _ = load_base_model(model, dtype)
+    return fresh_adapter(get_peft_model_state_dict(with_adapter(base, spec)), seed)
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A content hash of an adapter, recorded with personal adapters to know what they were trained on."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
