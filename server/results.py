@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import protocol
 from common.io import atomic_write_json, read_json
 from common.metrics import merge_counts, metrics_from_counts
 from common.tasks import Task
@@ -14,19 +15,22 @@ from common.tasks import Task
 
 @dataclass
 class Evaluation:
-    """One method's answers scored: exact metrics over all users and per user, from their counts."""
+    """One method's answers scored: exact metrics over all users and per user, from their counts.
+    The counts themselves are kept too: the report's intervals resample users and recompute the pooled
+    metrics from them (macro-F1 cannot be recomputed from per-user F1)."""
 
     overall: dict[str, float]
     users: dict[str, dict[str, float]]
     history: dict[str, int]
+    counts: dict[str, dict[str, float]]
 
     @classmethod
     def from_user_counts(cls, task: Task, counts: dict[str, dict[str, float]]) -> Evaluation:
-        history = {uid: int(c.pop("history", 0)) for uid, c in counts.items()}
-        ordered = sorted(counts.items())  # sums in user order, not reply arrival order: reproducible
-        users = {uid: metrics_from_counts(task, c) for uid, c in ordered}
-        overall = metrics_from_counts(task, merge_counts(*(c for _, c in ordered))) if counts else {"n": 0}
-        return cls(overall, users, history)
+        history = {uid: int(c.pop(protocol.HISTORY_SIZE, 0)) for uid, c in counts.items()}
+        ordered = dict(sorted(counts.items()))  # sums in user order, not reply arrival order: reproducible
+        users = {uid: metrics_from_counts(task, c) for uid, c in ordered.items()}
+        overall = metrics_from_counts(task, merge_counts(*ordered.values())) if counts else {"n": 0}
+        return cls(overall, users, history, ordered)
 
 
 class RunRecorder:
@@ -58,6 +62,7 @@ class RunRecorder:
         self.data["methods"][name] = {
             "overall": evaluation.overall,
             "users": evaluation.users,
+            "counts": evaluation.counts,
             "seconds": seconds,
         }
         self.data["history"].update(evaluation.history)

@@ -46,7 +46,7 @@ def _version(package: str) -> str:
 def simulate_command(args: argparse.Namespace) -> int:
     from common.config import load_run_config
     from simulations.engine import EngineOptions
-    from simulations.simulate import expand_methods, new_run_dir, resume, simulate
+    from simulations.simulate import expand_methods, new_run_dir, resume, simulate, simulate_seeds
 
     engine = EngineOptions.from_args(args)
     if args.resume:
@@ -59,7 +59,11 @@ def simulate_command(args: argparse.Namespace) -> int:
         overrides.append(f'methods="{methods}"')
     config = load_run_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, config.task or "data")
-    simulate(config.replace(run_dir=str(run_dir)), centralized=centralized, engine=engine)
+    config = config.replace(run_dir=str(run_dir))
+    if args.seeds > 1:
+        simulate_seeds(config, args.seeds, centralized=centralized, engine=engine)
+    else:
+        simulate(config, centralized=centralized, engine=engine)
     return 0
 
 
@@ -98,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--run-dir", help="exact run directory (default: results/<timestamp>-<task>)")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpointed round")
+    sim.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="repeat the run with seeds seed..seed+N-1 and report each number's mean and spread; "
+        "rerunning the same --run-dir continues it",
+    )
     add_engine_arguments(sim)
     sim.set_defaults(func=simulate_command)
 

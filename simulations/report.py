@@ -1,4 +1,8 @@
-"""The run's report: summary.csv, plots, and a table on the terminal, all from metrics.json."""
+"""The run's report: summary.csv, plots, and tables on the terminal, all from metrics.json.
+
+Every method's score comes with its 95% interval and the paired differences OPPU's paper asks about
+(simulations/statistics.py); they are also written back to metrics.json under `uncertainty`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
-from common.io import atomic_write_bytes, atomic_write_text, read_json
+from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from common.tasks import get_task
+from simulations.statistics import GROUPS, Estimate, history_groups, seed_spread, summarize
 
 ORDER = (
     "zero-shot",
@@ -41,11 +47,17 @@ def _metric_names(metrics: dict) -> list[str]:
 
 
 def summary_rows(metrics: dict) -> list[dict]:
+    """One row per method: each metric, the primary metric's 95% interval, users and queries scored."""
     names = _metric_names(metrics)
+    primary = metrics["primary_metric"]
+    intervals = metrics.get("uncertainty", {}).get("methods", {})
     rows = []
     for method in _methods(metrics):
         entry = metrics["methods"][method]
         row = {"method": method, **{n: entry["overall"].get(n) for n in names}}
+        interval = intervals.get(method, {}).get(primary)
+        row[f"{primary}_lo"] = interval["lo"] if interval else None
+        row[f"{primary}_hi"] = interval["hi"] if interval else None
         row.update(
             users=len(entry["users"]),
             queries=int(entry["overall"].get("n", 0)),
@@ -53,15 +65,6 @@ def summary_rows(metrics: dict) -> list[dict]:
         )
         rows.append(row)
     return rows
-
-
-def history_groups(history: dict[str, int]) -> dict[str, str]:
-    """Users split into light / medium / heavy thirds by history size."""
-    ranked = sorted(history, key=lambda uid: (history[uid], uid))
-    groups = {}
-    for rank, uid in enumerate(ranked):
-        groups[uid] = ("light", "medium", "heavy")[min(2, rank * 3 // max(1, len(ranked)))]
-    return groups
 
 
 def save_figure(figure, path: Path) -> None:
@@ -73,17 +76,31 @@ def save_figure(figure, path: Path) -> None:
 
 
 def plot_methods(metrics: dict, path: Path) -> None:
+    """Each method's primary metric with its 95% interval as an error bar."""
     key = metrics["primary_metric"]
     methods = _methods(metrics)
     values = [metrics["methods"][m]["overall"].get(key, float("nan")) for m in methods]
+    intervals = metrics.get("uncertainty", {}).get("methods", {})
+    errors = [
+        [
+            v - intervals[m][key]["lo"] if m in intervals else 0.0
+            for m, v in zip(methods, values, strict=True)
+        ],
+        [
+            intervals[m][key]["hi"] - v if m in intervals else 0.0
+            for m, v in zip(methods, values, strict=True)
+        ],
+    ]
     figure, axis = plt.subplots(figsize=(1.1 * len(methods) + 2, 3.6))
     bars = axis.bar(
         methods,
         values,
+        yerr=errors,
+        capsize=4,
         color=["#4c72b0" if "oppu" not in m and m != "centralized" else "#dd8452" for m in methods],
     )
-    axis.bar_label(bars, fmt="%.3f", fontsize=8)
-    axis.set_ylabel(key)
+    axis.bar_label(bars, fmt="%.3f", fontsize=8, label_type="center")
+    axis.set_ylabel(f"{key} (95% interval, users resampled)")
     axis.set_title(
         f"{metrics['task']}: {key} per method ({'higher' if metrics['higher_is_better'] else 'lower'} is better)"
     )
@@ -112,7 +129,15 @@ def plot_rounds(metrics: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
+def _difference(part: dict, first: str, second: str) -> dict | None:
+    return next(
+        (d for d in part.get("differences", []) if (d["first"], d["second"]) == (first, second)), None
+    )
+
+
 def plot_user_gain(metrics: dict, path: Path) -> bool:
+    """Per-user gain of OPPU over the shared adapter, users grouped by history size; each group's
+    pooled gain with its 95% interval (paired, users resampled)."""
     key = metrics["primary_metric"]
     methods = metrics["methods"]
     if "oppu" not in methods or "shared" not in methods:
@@ -126,25 +151,33 @@ def plot_user_gain(metrics: dict, path: Path) -> bool:
         for uid in groups
         if uid in methods["shared"]["users"]
     }
+    by_group = metrics.get("uncertainty", {}).get("groups", {})
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    for index, group in enumerate(("light", "medium", "heavy")):
+    for index, group in enumerate(GROUPS):
         members = [uid for uid in gains if groups[uid] == group]
-        axis.scatter([index] * len(members), [gains[uid] for uid in members], alpha=0.7)
-        if members:
-            axis.hlines(
-                sum(gains[u] for u in members) / len(members), index - 0.25, index + 0.25, color="black"
-            )
+        axis.scatter([index] * len(members), [gains[uid] for uid in members], alpha=0.5)
+        pooled = _difference(by_group.get(group, {}), "oppu", "shared")
+        if pooled is not None:
+            value, lo, hi = (sign * pooled[k] for k in ("value", "lo", "hi"))
+            axis.errorbar(index + 0.15, value, yerr=[[value - min(lo, hi)], [max(lo, hi) - value]],
+                          fmt="D", color="black", capsize=5)  # fmt: skip
     axis.axhline(0, color="gray", linewidth=0.8)
-    axis.set_xticks(range(3), ["light", "medium", "heavy"])
+    axis.set_xticks(range(3), list(GROUPS))
     axis.set(xlabel="users grouped by history size", ylabel=f"OPPU - shared ({key}, better = up)")
-    axis.set_title("Per-user gain of personal adapters over the shared adapter")
+    axis.set_title(
+        "Gain of personal adapters over the shared adapter\n(dots: users; diamonds: pooled, 95% interval)"
+    )
     save_figure(figure, path)
     return True
 
 
 def write_report(run_dir: str | Path, console: Console | None = None) -> list[dict]:
+    """Intervals into metrics.json, then summary.csv, the plots and the terminal tables."""
     run_dir = Path(run_dir)
     metrics = read_json(run_dir / "metrics.json")
+    if any(entry.get("counts") for entry in metrics["methods"].values()):
+        metrics["uncertainty"] = summarize(get_task(metrics["task"]), metrics)
+        atomic_write_json(run_dir / "metrics.json", metrics)
     rows = summary_rows(metrics)
     if rows:
         buffer = io.StringIO()
@@ -158,15 +191,95 @@ def write_report(run_dir: str | Path, console: Console | None = None) -> list[di
         plot_rounds(metrics, run_dir / "rounds.png")
     if console is not None:
         console.print(summary_table(metrics, rows))
+        if metrics.get("uncertainty", {}).get("differences"):
+            console.print(differences_table(metrics))
     return rows
 
 
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def summary_table(metrics: dict, rows: list[dict]) -> Table:
+    """One row per method; the primary metric as `value [lo, hi]`, its 95% interval over users."""
+    primary = metrics["primary_metric"]
     table = Table(
-        title=f"{metrics['task']} ({metrics.get('status', '?')}): primary metric {metrics['primary_metric']}"
+        title=f"{metrics['task']} ({metrics.get('status', '?')}): primary metric {primary}, "
+        "95% interval over users"
     )
-    for column in rows[0] if rows else ["method"]:
+    columns = [
+        c for c in (rows[0] if rows else {"method": None}) if c not in (f"{primary}_lo", f"{primary}_hi")
+    ]
+    for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
-        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+        cells = []
+        for column in columns:
+            if column == primary and row.get(f"{primary}_lo") is not None:
+                interval = Estimate(row[primary], row[f"{primary}_lo"], row[f"{primary}_hi"], row["users"])
+                cells.append(interval.text())
+            else:
+                cells.append(_cell(row[column]))
+        table.add_row(*cells)
     return table
+
+
+def differences_table(metrics: dict) -> Table:
+    """OPPU's questions as paired differences, over all users and per history-size group."""
+    uncertainty = metrics["uncertainty"]
+    parts = {"all users": uncertainty}
+    parts.update({f"{group} users": part for group, part in uncertainty.get("groups", {}).items()})
+    table = Table(
+        title=f"Paired differences in {metrics['primary_metric']} (95% interval; same users resampled)"
+    )
+    table.add_column("difference", justify="left")
+    for label in parts:
+        table.add_column(label, justify="right")
+    pairs = [(d["first"], d["second"]) for d in uncertainty["differences"]]
+    for first, second in pairs:
+        cells = []
+        for part in parts.values():
+            found = _difference(part, first, second)
+            cells.append(f"{Estimate.from_dict(found).text()} (n={found['users']})" if found else "-")
+        table.add_row(f"{first} - {second}", *cells)
+    return table
+
+
+def write_seeds_report(
+    run_dir: str | Path, seed_dirs: dict[int, Path], console: Console | None = None
+) -> dict:
+    """Each method's primary metric and each paired difference over the seeds: mean, sd, min, max."""
+    runs = {seed: read_json(Path(path) / "metrics.json") for seed, path in seed_dirs.items()}
+    first = next(iter(runs.values()))
+    primary = first["primary_metric"]
+    methods = [m for m in _methods(first) if all(m in r["methods"] for r in runs.values())]
+    spread = {m: seed_spread([r["methods"][m]["overall"][primary] for r in runs.values()]) for m in methods}
+    pairs = [(d["first"], d["second"]) for d in first.get("uncertainty", {}).get("differences", [])]
+    differences = {
+        f"{a} - {b}": seed_spread(
+            [_difference(r.get("uncertainty", {}), a, b)["value"] for r in runs.values()]
+        )
+        for a, b in pairs
+        if all(_difference(r.get("uncertainty", {}), a, b) for r in runs.values())
+    }
+    result = {"metric": primary, "seeds": list(runs), "methods": spread, "differences": differences}
+    run_dir = Path(run_dir)
+    atomic_write_json(run_dir / "seeds.json", result)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["row", "mean", "sd", "min", "max", "runs"])
+    writer.writeheader()
+    writer.writerows({"row": name, **values} for name, values in {**spread, **differences}.items())
+    atomic_write_text(run_dir / "seeds.csv", buffer.getvalue())
+    if console is not None:
+        table = Table(title=f"{first['task']}: {primary} over seeds {list(runs)} (mean, sd, min..max)")
+        for column in ("method or difference", "mean", "sd", "min .. max"):
+            table.add_column(column, justify="left" if column.startswith("method") else "right")
+        for name, values in {**spread, **differences}.items():
+            table.add_row(
+                name,
+                f"{values['mean']:.4f}",
+                f"{values['sd']:.4f}",
+                f"{values['min']:.4f} .. {values['max']:.4f}",
+            )
+        console.print(table)
+    return result

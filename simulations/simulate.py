@@ -15,7 +15,7 @@ from common.config import METHODS, RunConfig, default_config_values
 from common.io import atomic_write_json, read_json
 from common.loaders import load_run_dataset, num_partitions
 from simulations.engine import DEFAULT_ENGINE, EngineOptions, run_federation
-from simulations.report import write_report
+from simulations.report import write_report, write_seeds_report
 
 ALL = "all"
 
@@ -75,6 +75,25 @@ def simulate(config: RunConfig, *, centralized: bool, engine: EngineOptions = DE
     metrics["wall_seconds"] = previous + time.perf_counter() - started
     atomic_write_json(metrics_path, metrics)
     write_report(run_dir, console)
+    return run_dir
+
+
+def simulate_seeds(
+    config: RunConfig, seeds: int, *, centralized: bool, engine: EngineOptions = DEFAULT_ENGINE
+) -> Path:
+    """The same run with seeds seed, seed+1, ... in <run-dir>/seed-<s>/, then each number's mean and
+    spread over them (<run-dir>/seeds.json, seeds.csv). With the built-in benchmark the seed also draws
+    the users, so the spread covers data as well as training. A finished seed is not run again."""
+    run_dir = Path(config.run_dir)
+    seed_dirs = {}
+    for seed in range(config.seed, config.seed + seeds):
+        seed_dir = run_dir / f"seed-{seed}"
+        metrics = seed_dir / "metrics.json"
+        if not (metrics.exists() and read_json(metrics).get("status") == "complete"):
+            console.rule(f"[bold]seed {seed}[/] ({seed - config.seed + 1} of {seeds})")
+            simulate(config.replace(seed=seed, run_dir=str(seed_dir)), centralized=centralized, engine=engine)
+        seed_dirs[seed] = seed_dir
+    write_seeds_report(run_dir, seed_dirs, console)
     return run_dir
 
 

@@ -120,3 +120,37 @@ def test_the_same_seed_gives_the_same_numbers(tiny_run, finished_run, tmp_path):
         assert a["train"]["train-loss"] == b["train"]["train-loss"]
     assert first["personalize"]["oppu"]["personal-loss"] == second["personalize"]["oppu"]["personal-loss"]
     assert first["methods"]["oppu"]["users"] == second["methods"]["oppu"]["users"]
+
+
+def test_the_report_gives_intervals_and_oppus_paired_differences(finished_run):
+    run_dir, _ = finished_run
+    metrics = read_json(run_dir / "metrics.json")
+    uncertainty = metrics["uncertainty"]
+    for name, entry in metrics["methods"].items():
+        interval = uncertainty["methods"][name]["accuracy"]
+        assert interval["lo"] <= entry["overall"]["accuracy"] <= interval["hi"], name
+        assert interval["users"] == USERS
+    pairs = {(d["first"], d["second"]) for d in uncertainty["differences"]}
+    assert {("oppu", "shared"), ("oppu", "local"), ("oppu-rag", "rag"), ("oppu-pag", "oppu")} <= pairs
+    assert set(uncertainty["groups"]) <= {"light", "medium", "heavy"}
+    with open(run_dir / "summary.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert float(row["accuracy_lo"]) <= float(row["accuracy"]) <= float(row["accuracy_hi"])
+
+
+def test_seeds_repeat_the_run_and_report_the_spread(tiny_run, tmp_path):
+    from simulations.cli import main
+
+    overrides = {**tiny_run, "num-rounds": 1, "local-steps": 1, "methods": '"zero-shot,shared"'}
+    argv = ["simulate", "--seeds", "2", "--run-dir", str(tmp_path)]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={value}"]
+    assert main(argv) == 0
+    assert {p.name for p in tmp_path.glob("seed-*")} == {"seed-0", "seed-1"}
+    spread = read_json(tmp_path / "seeds.json")
+    assert spread["seeds"] == [0, 1]
+    values = [
+        read_json(tmp_path / f"seed-{s}" / "metrics.json")["methods"]["shared"]["overall"] for s in (0, 1)
+    ]
+    assert spread["methods"]["shared"]["mean"] == sum(v["accuracy"] for v in values) / 2
+    assert spread["differences"]["shared - zero-shot"]["runs"] == 2

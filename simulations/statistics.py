@@ -1,0 +1,167 @@
+"""Uncertainty for every reported number: a cluster bootstrap over users, queries nested in them.
+
+A user's queries share the user's history and adapters, so they are not independent draws: the unit
+of resampling is the user. Each resample draws users with replacement, keeps each drawn user's
+queries, and recomputes the pooled metric from the summed counts exactly as the point estimate is
+computed (so macro-F1 and RMSE get intervals too). A paired difference resamples the same users for
+both methods, which removes the between-user variance the two share. Intervals are 95% percentile
+intervals; the resamples are seeded, so a report is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.metrics import metrics_from_counts
+from common.tasks import Task
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+GROUPS = ("light", "medium", "heavy")
+# The comparisons OPPU's paper makes: (better?, than), each where both methods ran.
+COMPARISONS = (
+    ("shared", "zero-shot"),
+    ("oppu", "shared"),
+    ("oppu", "local"),
+    ("oppu-rag", "rag"),
+    ("oppu-pag", "oppu"),
+    ("centralized", "oppu"),
+)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    lo: float
+    hi: float
+    users: int
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, float]) -> Estimate:
+        return cls(values["value"], values["lo"], values["hi"], int(values["users"]))
+
+    def as_dict(self) -> dict[str, float]:
+        return {"value": self.value, "lo": self.lo, "hi": self.hi, "users": self.users}
+
+    def text(self, digits: int = 3) -> str:
+        if math.isnan(self.value):
+            return "-"
+        return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+
+
+def resample_weights(num_users: int, resamples: int, seed: int) -> np.ndarray:
+    """How often each user is drawn in each resample: shape (resamples, num_users)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(num_users, np.full(num_users, 1.0 / num_users), size=resamples)
+
+
+def _matrix(counts: Sequence[Mapping[str, float]]) -> tuple[list[str], np.ndarray]:
+    keys = sorted({key for user in counts for key in user})
+    return keys, np.array([[user.get(key, 0.0) for key in keys] for user in counts], dtype=float)
+
+
+def _metric_per_resample(task: Task, metric: str, keys: list[str], sums: np.ndarray) -> np.ndarray:
+    return np.array([metrics_from_counts(task, dict(zip(keys, row, strict=True)))[metric] for row in sums])
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return math.nan, math.nan
+    tail = 100 * (1 - CONFIDENCE) / 2
+    lo, hi = np.percentile(finite, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def estimate(task: Task, metric: str, counts: Sequence[Mapping[str, float]], weights: np.ndarray) -> Estimate:
+    """The pooled `metric` over these users' counts, with its bootstrap interval (one weight column
+    per user, in the same order)."""
+    keys, matrix = _matrix(counts)
+    value = metrics_from_counts(task, dict(zip(keys, matrix.sum(axis=0), strict=True)))[metric]
+    samples = _metric_per_resample(task, metric, keys, weights @ matrix)
+    return Estimate(float(value), *_interval(samples), len(counts))
+
+
+def paired_difference(
+    task: Task,
+    metric: str,
+    first: Sequence[Mapping[str, float]],
+    second: Sequence[Mapping[str, float]],
+    weights: np.ndarray,
+) -> Estimate:
+    """first - second on the same users (same order), resampling users once for both."""
+    keys_a, a = _matrix(first)
+    keys_b, b = _matrix(second)
+    value_a = metrics_from_counts(task, dict(zip(keys_a, a.sum(axis=0), strict=True)))[metric]
+    value_b = metrics_from_counts(task, dict(zip(keys_b, b.sum(axis=0), strict=True)))[metric]
+    samples = _metric_per_resample(task, metric, keys_a, weights @ a) - _metric_per_resample(
+        task, metric, keys_b, weights @ b
+    )
+    return Estimate(float(value_a - value_b), *_interval(samples), len(first))
+
+
+def history_groups(history: Mapping[str, int]) -> dict[str, str]:
+    """Users split into light / medium / heavy thirds by history size."""
+    ranked = sorted(history, key=lambda uid: (history[uid], uid))
+    return {uid: GROUPS[min(2, rank * 3 // max(1, len(ranked)))] for rank, uid in enumerate(ranked)}
+
+
+def summarize(task: Task, metrics: Mapping, seed: int = 0, resamples: int = RESAMPLES) -> dict:
+    """Intervals for every method's metrics, the paired differences of COMPARISONS, and both again per
+    light / medium / heavy group; what the report prints and metrics.json keeps under `uncertainty`.
+    Each method is resampled over the users it was scored on, each difference over the users both were."""
+    methods = {name: entry["counts"] for name, entry in metrics["methods"].items() if entry.get("counts")}
+    groups = history_groups(metrics.get("history", {}))
+    summary: dict = {"confidence": CONFIDENCE, "resamples": resamples, "unit": "user", "groups": {}}
+    for group in (None, *GROUPS):
+
+        def member(uid: str, group: str | None = group) -> bool:
+            return group is None or groups.get(uid) == group
+
+        part: dict = {"methods": {}, "differences": []}
+        for name, counts in methods.items():
+            users = sorted(uid for uid in counts if member(uid))
+            if users:
+                weights = resample_weights(len(users), resamples, seed)
+                scored = [counts[uid] for uid in users]
+                part["methods"][name] = {
+                    metric: estimate(task, metric, scored, weights).as_dict()
+                    for metric in metrics_from_counts(task, scored[0])
+                    if metric != "n"
+                }
+        for better, than in COMPARISONS:
+            if better not in part["methods"] or than not in part["methods"]:
+                continue
+            users = sorted(uid for uid in methods[better] if uid in methods[than] and member(uid))
+            weights = resample_weights(len(users), resamples, seed)
+            diff = paired_difference(
+                task,
+                task.primary_metric,
+                [methods[better][uid] for uid in users],
+                [methods[than][uid] for uid in users],
+                weights,
+            )
+            part["differences"].append(
+                {"first": better, "second": than, "metric": task.primary_metric, **diff.as_dict()}
+            )
+        if group is None:
+            summary.update(part)
+        elif part["methods"]:
+            summary["groups"][group] = part
+    return summary
+
+
+def seed_spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, min and max of one number over runs with different seeds."""
+    array = np.array(values, dtype=float)
+    return {
+        "mean": float(array.mean()),
+        "sd": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "min": float(array.min()),
+        "max": float(array.max()),
+        "runs": len(array),
+    }

@@ -1,0 +1,110 @@
+"""The report's intervals: a cluster bootstrap over users, checked against closed forms."""
+
+import math
+
+import numpy as np
+import pytest
+
+from common.metrics import metric_counts
+from common.tasks import TASKS
+from simulations.statistics import (
+    estimate,
+    history_groups,
+    paired_difference,
+    resample_weights,
+    seed_spread,
+    summarize,
+)
+
+TAGGING = TASKS["tagging"]
+
+
+def _users(correct_per_user, n=10):
+    return [{"n": n, "correct": c} for c in correct_per_user]
+
+
+def test_accuracy_interval_matches_the_closed_form_cluster_standard_error():
+    # 400 users with 10 queries each; with equal n the pooled accuracy is the mean of the users'
+    # accuracies, and resampling users gives it the standard error sd_users / sqrt(users).
+    rng = np.random.default_rng(1)
+    accuracies = rng.beta(2, 3, size=400).round(1)
+    counts = _users((accuracies * 10).round().astype(int).tolist())
+    result = estimate(TAGGING, "accuracy", counts, resample_weights(len(counts), 4000, seed=0))
+    se = accuracies.std(ddof=0) / math.sqrt(len(accuracies))
+    assert result.value == pytest.approx(accuracies.mean())
+    assert result.lo == pytest.approx(accuracies.mean() - 1.96 * se, abs=0.1 * 1.96 * se)
+    assert result.hi == pytest.approx(accuracies.mean() + 1.96 * se, abs=0.1 * 1.96 * se)
+    assert result.users == 400
+
+
+def test_users_not_queries_are_the_unit():
+    # Two users, one always right and one always wrong, 50 queries each: counting queries as
+    # independent would give +-0.1; resampling users gives the honest [0, 1].
+    result = estimate(TAGGING, "accuracy", _users([50, 0], n=50), resample_weights(2, 2000, seed=0))
+    assert result.value == 0.5 and (result.lo, result.hi) == (0.0, 1.0)
+
+
+def test_paired_differences_remove_what_the_methods_share():
+    # The second method gets exactly one more query right for every user: the difference is 0.1 in
+    # every resample, although each method alone varies widely between users.
+    first = _users([1, 9, 3, 7, 5, 2, 8])
+    second = _users([c + 1 for c in [1, 9, 3, 7, 5, 2, 8]])
+    weights = resample_weights(len(first), 1000, seed=0)
+    difference = paired_difference(TAGGING, "accuracy", second, first, weights)
+    assert (difference.value, difference.lo, difference.hi) == pytest.approx((0.1, 0.1, 0.1))
+    alone = estimate(TAGGING, "accuracy", first, weights)
+    assert alone.hi - alone.lo > 0.3
+
+
+def test_macro_f1_is_recomputed_from_the_resampled_counts():
+    counts = [
+        metric_counts(TAGGING, ["space", "war"], ["space", "war"]),
+        metric_counts(TAGGING, ["crime", "crime"], ["space", "crime"]),
+    ]
+    weights = np.array([[2, 0], [0, 2], [1, 1]])  # user 1 twice, user 2 twice, each once
+    result = estimate(TAGGING, "f1", counts, weights)
+    # user 1 alone: space and war always right -> 2 of 8 labels at F1 1 -> 0.25
+    # user 2 alone: crime tp 1, fp 1; space fn 1 -> crime F1 2/3 -> 2/3 / 8
+    assert (result.lo, result.hi) == pytest.approx(
+        tuple(np.percentile([0.25, 2 / 3 / 8, result.value], [2.5, 97.5]))
+    )
+
+
+def _metrics(users=9):
+    history = {f"u{i}": 10 + i for i in range(users)}
+    shared = {uid: {"n": 4, "correct": 1} for uid in history}
+    oppu = {uid: {"n": 4, "correct": 1 + (i < 3)} for i, uid in enumerate(history)}  # light users gain
+    return {
+        "task": "tagging",
+        "primary_metric": "accuracy",
+        "history": history,
+        "methods": {"shared": {"counts": shared}, "oppu": {"counts": oppu}},
+    }
+
+
+def test_summary_has_intervals_differences_and_groups():
+    summary = summarize(TAGGING, _metrics(), resamples=500)
+    assert summary["methods"]["shared"]["accuracy"]["value"] == 0.25
+    (difference,) = summary["differences"]
+    assert (difference["first"], difference["second"], difference["users"]) == ("oppu", "shared", 9)
+    assert difference["value"] == pytest.approx(3 / 36)
+    light = summary["groups"]["light"]["differences"][0]
+    heavy = summary["groups"]["heavy"]["differences"][0]
+    assert (light["value"], light["lo"], light["hi"]) == pytest.approx((0.25, 0.25, 0.25))
+    assert (heavy["value"], heavy["lo"], heavy["hi"]) == (0.0, 0.0, 0.0)
+
+
+def test_a_method_scored_on_fewer_users_is_compared_on_the_users_both_have():
+    metrics = _metrics()
+    del metrics["methods"]["oppu"]["counts"]["u8"]
+    summary = summarize(TAGGING, metrics, resamples=200)
+    assert summary["methods"]["oppu"]["accuracy"]["users"] == 8
+    assert summary["differences"][0]["users"] == 8
+
+
+def test_history_groups_are_thirds_and_seed_spread():
+    groups = history_groups({"a": 5, "b": 1, "c": 9, "d": 3, "e": 7, "f": 2})
+    assert [uid for uid in "bfdaec" if groups[uid] == "light"] == ["b", "f"]
+    assert groups["c"] == groups["e"] == "heavy"
+    spread = seed_spread([0.4, 0.5, 0.6])
+    assert spread == pytest.approx({"mean": 0.5, "sd": 0.1, "min": 0.4, "max": 0.6, "runs": 3})
