@@ -2,9 +2,13 @@
 
 No item comes from a real person: the texts are drawn from templates with many slots and a real
 vocabulary. Every answer follows a population rule, replaced by the user's own rule with probability
-`personal_strength`, so a per-user adapter has something to learn that the population cannot know:
-- tagging: short movie descriptions whose theme is clear from the wording; the population tags each theme
-  with its own tag, each user has a random permutation of the tags, applied per theme;
+`personal_strength`, so each part of OPPU has something to learn: the shared adapter the population's
+rule (which the base model cannot know), a personal adapter the user's own rule, which only that
+user's history shows; users range from light to heavy (geometrically spread history sizes):
+- tagging (the default): short movie descriptions whose theme is clear from the wording; the tags are
+  invented words (BUILTIN_TAGS), so no model knows the population's convention of one tag per theme
+  before it is trained; each user relabels each theme with another tag with probability
+  `personal_strength`;
 - rating: product reviews whose wording sets a sentiment level of 1 to 5 (the population's rating);
   each user shifts ratings by a personal offset, applied per level;
 - title: short local-news blurbs; the population writes a plain headline, each user has a personal
@@ -172,11 +176,10 @@ _TWISTS = ("but time is running out", "and nothing goes as planned", "while old 
 
 def _tagging_author(rng: random.Random, strength: float) -> Author:
     themes = list(_MOVIE_THEMES)
-    permutation = rng.sample(BUILTIN_TAGS, len(BUILTIN_TAGS))
-    personal = {
-        theme: tag if rng.random() < strength else theme
-        for theme, tag in zip(themes, permutation, strict=True)
-    }
+    personal = {}
+    for theme, tag in zip(themes, BUILTIN_TAGS, strict=True):  # the population's convention
+        other = rng.choice([t for t in BUILTIN_TAGS if t != tag])
+        personal[theme] = other if rng.random() < strength else tag
     taste = [rng.gammavariate(0.8, 1.0) for _ in themes]  # each user watches some themes more than others
 
     def author(rng: random.Random) -> tuple[str, str]:

@@ -149,7 +149,9 @@ MOVIE_TAGS = (
     "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
     "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story",
 )  # fmt: skip
-BUILTIN_TAGS = ("space", "crime", "romance", "war", "horror", "sports", "comedy", "music")
+# The built-in tagging task's tags: invented words, so its population convention (one tag per movie theme:
+# space, crime, romance, war, horror, sports, comedy, music) must be learned (common.synthetic).
+BUILTIN_TAGS = ("vexa", "orin", "talu", "kelso", "dravi", "lumo", "pelo", "quon")
 
 _TAGGING = {
     "prompt": "Which tag does this movie relate to among the following tags? Just answer with the tag name "

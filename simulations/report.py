@@ -157,7 +157,7 @@ def plot_user_gain(metrics: dict, path: Path) -> bool:
         members = [uid for uid in gains if groups[uid] == group]
         axis.scatter([index] * len(members), [gains[uid] for uid in members], alpha=0.5)
         pooled = _difference(by_group.get(group, {}), "oppu", "shared")
-        if pooled is not None:
+        if pooled is not None and pooled["lo"] is not None:
             value, lo, hi = (sign * pooled[k] for k in ("value", "lo", "hi"))
             axis.errorbar(index + 0.15, value, yerr=[[value - min(lo, hi)], [max(lo, hi) - value]],
                           fmt="D", color="black", capsize=5)  # fmt: skip
@@ -207,6 +207,7 @@ def summary_table(metrics: dict, rows: list[dict]) -> Table:
         title=f"{metrics['task']} ({metrics.get('status', '?')}): primary metric {primary}, "
         "95% interval over users"
     )
+    intervals = metrics.get("uncertainty", {}).get("methods", {})
     columns = [
         c for c in (rows[0] if rows else {"method": None}) if c not in (f"{primary}_lo", f"{primary}_hi")
     ]
@@ -215,9 +216,9 @@ def summary_table(metrics: dict, rows: list[dict]) -> Table:
     for row in rows:
         cells = []
         for column in columns:
-            if column == primary and row.get(f"{primary}_lo") is not None:
-                interval = Estimate(row[primary], row[f"{primary}_lo"], row[f"{primary}_hi"], row["users"])
-                cells.append(interval.text())
+            interval = intervals.get(row["method"], {}).get(primary)
+            if column == primary and interval is not None:
+                cells.append(Estimate.from_dict(interval).text())
             else:
                 cells.append(_cell(row[column]))
         table.add_row(*cells)
@@ -233,15 +234,12 @@ def differences_table(metrics: dict) -> Table:
         title=f"Paired differences in {metrics['primary_metric']} (95% interval; same users resampled)"
     )
     table.add_column("difference", justify="left")
-    for label in parts:
-        table.add_column(label, justify="right")
-    pairs = [(d["first"], d["second"]) for d in uncertainty["differences"]]
-    for first, second in pairs:
-        cells = []
-        for part in parts.values():
-            found = _difference(part, first, second)
-            cells.append(f"{Estimate.from_dict(found).text()} (n={found['users']})" if found else "-")
-        table.add_row(f"{first} - {second}", *cells)
+    for label, part in parts.items():
+        users = max((d["users"] for d in part.get("differences", [])), default=0)
+        table.add_column(f"{label} (n={users})", justify="right")
+    for first, second in [(d["first"], d["second"]) for d in uncertainty["differences"]]:
+        found = [_difference(part, first, second) for part in parts.values()]
+        table.add_row(f"{first} - {second}", *(Estimate.from_dict(d).text() if d else "-" for d in found))
     return table
 
 

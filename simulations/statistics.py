@@ -21,6 +21,9 @@ from common.tasks import Task
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
+# Below this many users a percentile bootstrap says little (with 2 users it has 3 possible values):
+# the estimate is reported without an interval.
+MIN_USERS = 5
 GROUPS = ("light", "medium", "heavy")
 # The comparisons OPPU's paper makes: (better?, than), each where both methods ran.
 COMPARISONS = (
@@ -41,15 +44,20 @@ class Estimate:
     users: int
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, float]) -> Estimate:
-        return cls(values["value"], values["lo"], values["hi"], int(values["users"]))
+    def from_dict(cls, values: Mapping[str, float | None]) -> Estimate:
+        lo, hi = (math.nan if values[k] is None else values[k] for k in ("lo", "hi"))
+        return cls(values["value"], lo, hi, int(values["users"]))
 
-    def as_dict(self) -> dict[str, float]:
-        return {"value": self.value, "lo": self.lo, "hi": self.hi, "users": self.users}
+    def as_dict(self) -> dict[str, float | None]:
+        """JSON-ready: a missing interval is null (NaN is not JSON)."""
+        lo, hi = (None if math.isnan(x) else x for x in (self.lo, self.hi))
+        return {"value": self.value, "lo": lo, "hi": hi, "users": self.users}
 
     def text(self, digits: int = 3) -> str:
         if math.isnan(self.value):
             return "-"
+        if math.isnan(self.lo):
+            return f"{self.value:.{digits}f} (n<{MIN_USERS}: no interval)"
         return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
 
 
@@ -68,9 +76,9 @@ def _metric_per_resample(task: Task, metric: str, keys: list[str], sums: np.ndar
     return np.array([metrics_from_counts(task, dict(zip(keys, row, strict=True)))[metric] for row in sums])
 
 
-def _interval(samples: np.ndarray) -> tuple[float, float]:
+def _interval(samples: np.ndarray, users: int) -> tuple[float, float]:
     finite = samples[np.isfinite(samples)]
-    if finite.size == 0:
+    if finite.size == 0 or users < MIN_USERS:
         return math.nan, math.nan
     tail = 100 * (1 - CONFIDENCE) / 2
     lo, hi = np.percentile(finite, [tail, 100 - tail])
@@ -83,7 +91,7 @@ def estimate(task: Task, metric: str, counts: Sequence[Mapping[str, float]], wei
     keys, matrix = _matrix(counts)
     value = metrics_from_counts(task, dict(zip(keys, matrix.sum(axis=0), strict=True)))[metric]
     samples = _metric_per_resample(task, metric, keys, weights @ matrix)
-    return Estimate(float(value), *_interval(samples), len(counts))
+    return Estimate(float(value), *_interval(samples, len(counts)), len(counts))
 
 
 def paired_difference(
@@ -101,7 +109,7 @@ def paired_difference(
     samples = _metric_per_resample(task, metric, keys_a, weights @ a) - _metric_per_resample(
         task, metric, keys_b, weights @ b
     )
-    return Estimate(float(value_a - value_b), *_interval(samples), len(first))
+    return Estimate(float(value_a - value_b), *_interval(samples, len(first)), len(first))
 
 
 def history_groups(history: Mapping[str, int]) -> dict[str, str]:

@@ -25,12 +25,12 @@ def test_macro_f1_averages_over_the_whole_label_set():
 
 
 def test_classification_counts_are_per_label():
-    counts = metric_counts(TASKS["tagging"], ["space", "war", "?"], ["space", "crime", "war"])
+    counts = metric_counts(TASKS["tagging"], ["vexa", "kelso", "?"], ["vexa", "orin", "kelso"])
     assert counts["n"] == 3 and counts["correct"] == 1
-    assert (counts["tp/space"], counts["fp/war"], counts["fn/crime"], counts["fn/war"]) == (1, 1, 1, 1)
-    assert counts["fp/space"] == counts["tp/war"] == 0
+    assert (counts["tp/vexa"], counts["fp/kelso"], counts["fn/orin"], counts["fn/kelso"]) == (1, 1, 1, 1)
+    assert counts["fp/vexa"] == counts["tp/kelso"] == 0
     with pytest.raises(ValueError, match="gold 'thriller' is not one of the task's labels"):
-        metric_counts(TASKS["tagging"], ["space"], ["thriller"])
+        metric_counts(TASKS["tagging"], ["vexa"], ["thriller"])
 
 
 def test_mae_and_rmse_by_hand_with_lamps_rule_for_unparseable_ratings():

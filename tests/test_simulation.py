@@ -128,14 +128,15 @@ def test_the_report_gives_intervals_and_oppus_paired_differences(finished_run):
     uncertainty = metrics["uncertainty"]
     for name, entry in metrics["methods"].items():
         interval = uncertainty["methods"][name]["accuracy"]
-        assert interval["lo"] <= entry["overall"]["accuracy"] <= interval["hi"], name
-        assert interval["users"] == USERS
+        assert interval["value"] == entry["overall"]["accuracy"], name
+        # 2 users are too few for a bootstrap interval (tests/test_statistics.py checks the intervals)
+        assert interval["users"] == USERS and interval["lo"] is None and interval["hi"] is None
     pairs = {(d["first"], d["second"]) for d in uncertainty["differences"]}
     assert {("oppu", "shared"), ("oppu", "local"), ("oppu-rag", "rag"), ("oppu-pag", "oppu")} <= pairs
     assert set(uncertainty["groups"]) <= {"light", "medium", "heavy"}
     with open(run_dir / "summary.csv") as handle:
         row = next(csv.DictReader(handle))
-    assert float(row["accuracy_lo"]) <= float(row["accuracy"]) <= float(row["accuracy_hi"])
+    assert {"accuracy", "accuracy_lo", "accuracy_hi"} <= set(row)
 
 
 def test_seeds_repeat_the_run_and_report_the_spread(tiny_run, tmp_path):

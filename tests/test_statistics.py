@@ -38,10 +38,17 @@ def test_accuracy_interval_matches_the_closed_form_cluster_standard_error():
 
 
 def test_users_not_queries_are_the_unit():
-    # Two users, one always right and one always wrong, 50 queries each: counting queries as
-    # independent would give +-0.1; resampling users gives the honest [0, 1].
-    result = estimate(TAGGING, "accuracy", _users([50, 0], n=50), resample_weights(2, 2000, seed=0))
-    assert result.value == 0.5 and (result.lo, result.hi) == (0.0, 1.0)
+    # Six users, half always right and half always wrong, 50 queries each: counting the 300 queries as
+    # independent would give about +-0.06; resampling users gives the honest, much wider interval.
+    result = estimate(TAGGING, "accuracy", _users([50, 0] * 3, n=50), resample_weights(6, 4000, seed=0))
+    assert result.value == 0.5
+    assert result.lo <= 0.5 - 0.3 and result.hi >= 0.5 + 0.3
+
+
+def test_too_few_users_get_no_interval():
+    result = estimate(TAGGING, "accuracy", _users([5, 7, 9, 1]), resample_weights(4, 100, seed=0))
+    assert result.value == 0.55 and math.isnan(result.lo) and math.isnan(result.hi)
+    assert result.text() == "0.550 (n<5: no interval)"
 
 
 def test_paired_differences_remove_what_the_methods_share():
@@ -57,23 +64,23 @@ def test_paired_differences_remove_what_the_methods_share():
 
 
 def test_macro_f1_is_recomputed_from_the_resampled_counts():
-    counts = [
-        metric_counts(TAGGING, ["space", "war"], ["space", "war"]),
-        metric_counts(TAGGING, ["crime", "crime"], ["space", "crime"]),
-    ]
-    weights = np.array([[2, 0], [0, 2], [1, 1]])  # user 1 twice, user 2 twice, each once
+    right = metric_counts(TAGGING, ["vexa", "kelso"], ["vexa", "kelso"])
+    confused = metric_counts(TAGGING, ["orin", "orin"], ["vexa", "orin"])
+    counts = [right, confused, right, confused, right]
+    # three resamples: only the 'right' users, only the 'confused' ones, everyone once
+    weights = np.array([[2, 0, 2, 0, 1], [0, 3, 0, 2, 0], [1, 1, 1, 1, 1]])
     result = estimate(TAGGING, "f1", counts, weights)
-    # user 1 alone: space and war always right -> 2 of 8 labels at F1 1 -> 0.25
-    # user 2 alone: crime tp 1, fp 1; space fn 1 -> crime F1 2/3 -> 2/3 / 8
+    # 'right' alone: vexa and kelso always right -> 2 of 8 labels at F1 1 -> 0.25
+    # 'confused' alone: orin tp 1, fp 1; vexa fn 1 -> orin F1 2/3 -> 2/3 / 8
     assert (result.lo, result.hi) == pytest.approx(
         tuple(np.percentile([0.25, 2 / 3 / 8, result.value], [2.5, 97.5]))
     )
 
 
-def _metrics(users=9):
+def _metrics(users=15):
     history = {f"u{i}": 10 + i for i in range(users)}
     shared = {uid: {"n": 4, "correct": 1} for uid in history}
-    oppu = {uid: {"n": 4, "correct": 1 + (i < 3)} for i, uid in enumerate(history)}  # light users gain
+    oppu = {uid: {"n": 4, "correct": 1 + (i < 5)} for i, uid in enumerate(history)}  # light users gain
     return {
         "task": "tagging",
         "primary_metric": "accuracy",
@@ -86,8 +93,8 @@ def test_summary_has_intervals_differences_and_groups():
     summary = summarize(TAGGING, _metrics(), resamples=500)
     assert summary["methods"]["shared"]["accuracy"]["value"] == 0.25
     (difference,) = summary["differences"]
-    assert (difference["first"], difference["second"], difference["users"]) == ("oppu", "shared", 9)
-    assert difference["value"] == pytest.approx(3 / 36)
+    assert (difference["first"], difference["second"], difference["users"]) == ("oppu", "shared", 15)
+    assert difference["value"] == pytest.approx(5 / 60)
     light = summary["groups"]["light"]["differences"][0]
     heavy = summary["groups"]["heavy"]["differences"][0]
     assert (light["value"], light["lo"], light["hi"]) == pytest.approx((0.25, 0.25, 0.25))
@@ -98,8 +105,8 @@ def test_a_method_scored_on_fewer_users_is_compared_on_the_users_both_have():
     metrics = _metrics()
     del metrics["methods"]["oppu"]["counts"]["u8"]
     summary = summarize(TAGGING, metrics, resamples=200)
-    assert summary["methods"]["oppu"]["accuracy"]["users"] == 8
-    assert summary["differences"][0]["users"] == 8
+    assert summary["methods"]["oppu"]["accuracy"]["users"] == 14
+    assert summary["differences"][0]["users"] == 14
 
 
 def test_history_groups_are_thirds_and_seed_spread():

@@ -79,7 +79,7 @@ def test_format_retrieved_uses_oppus_history_templates():
         ("LaMP-2M", "I cannot tell", "I cannot tell"),  # unparseable: not a label, so it scores as wrong
         ("LaMP-1", " [2]", "[2]"),
         ("LaMP-1", "Reference 1 is related.", "[1]"),
-        ("tagging", "Horror!", "horror"),
+        ("tagging", "Dravi!", "dravi"),
         ("LaMP-3", " 4", "4"),
         ("LaMP-3", "score: 4/5", "4"),
         ("LaMP-3", "3.5 stars", "3.5"),
