@@ -25,7 +25,9 @@ from server.privacy import PrivacyLayer
 
 # Every sampled client shares its masking secrets with all others (num_shares = 1.0 of them); masks
 # are recovered from any half of them, so the server colluding with fewer than half the clients
-# learns nothing about one update beyond the sum.
+# learns nothing about one update beyond the sum. Every client weighs 1 (num-examples under any
+# privacy setting), so max_weight = 1 leaves the quantization all 2^22 levels for the update itself;
+# Flower's default of 1000 scales each update by 1/1000 first, a thousand times the rounding error.
 NUM_SHARES = 1.0
 RECONSTRUCTION_THRESHOLD = 0.5
 
@@ -73,5 +75,11 @@ def run_secagg(
         config=ServerConfig(num_rounds=num_rounds),
         strategy=privacy.wrap_legacy(strategy),
     )
-    workflow = SecAggPlusWorkflow(num_shares=NUM_SHARES, reconstruction_threshold=RECONSTRUCTION_THRESHOLD)
+    workflow = SecAggPlusWorkflow(
+        num_shares=NUM_SHARES,
+        reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
+        max_weight=protocol.SECAGG_MAX_WEIGHT,
+        clipping_range=protocol.SECAGG_CLIPPING_RANGE,
+        quantization_range=protocol.SECAGG_QUANTIZATION_RANGE,
+    )
     DefaultWorkflow(fit_workflow=workflow)(grid, context)
