@@ -137,9 +137,8 @@ def load_policy(path: str | Path) -> NodePolicy:
     """A policy file: flat `key = value` lines with NodePolicy's keys; unknown keys are errors."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            table = tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as err:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise DataError(f"{path}: cannot read the node's privacy policy: {err}") from err
     known = {f.name.replace("_", "-"): f for f in fields(NodePolicy)}
     unknown = sorted(set(table) - set(known))
@@ -204,7 +203,7 @@ def epsilon(multipliers: list[float], delta: float) -> float:
     accountant = RdpAccountant()
     for multiplier in multipliers:
         accountant.compose(dp_event.GaussianDpEvent(multiplier))
-    return accountant.get_epsilon(delta)
+    return float(accountant.get_epsilon(delta))
 
 
 @contextmanager

@@ -18,6 +18,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
+import signal
+import threading
+import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,7 +39,9 @@ log = logging.getLogger("fedoppu.node")
 
 def app_hash(project_dir: Path = PROJECT_DIR) -> str:
     """The sha256 of the FAB `flwr run` builds from this checkout (what `fedoppu run` submits)."""
-    return hashlib.sha256(build_fab_from_disk(project_dir)).hexdigest()
+    with warnings.catch_warnings():  # pathspec's deprecation notices, inside Flower's build
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return hashlib.sha256(build_fab_from_disk(project_dir)).hexdigest()
 
 
 def trusted_apps(policy: NodePolicy) -> list[str]:
@@ -60,12 +67,21 @@ def trusting(hashes: Iterable[str]) -> type[TrustedAppPlugin]:
     return type("TrustedAppPlugin", (TrustedAppPlugin,), {"trusted": frozenset(hashes)})
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Stop once the SuperNode (this process's parent) is gone, also while nobody has reaped it yet
+    (Flower's own monitor waits for its pid to disappear)."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    signal.raise_signal(signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's local Runtime API")
-    parser.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) exits")
+    parser.add_argument("--parent-pid", type=int, required=True, help="the SuperNode: exit with it")
     parser.add_argument("--trusted", action="append", default=[], metavar="SHA256", help="a FAB to run")
     args = parser.parse_args(argv)
+    threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
     # Flower 1.42's SuperExec builds its plugin from this module-level name; nothing else changes.
     flower_superexec.AutoExecPlugin = trusting(args.trusted)
     flower_superexec.run_superexec(
