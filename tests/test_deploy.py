@@ -419,7 +419,7 @@ def test_nodes_without_the_federations_tls_never_connect(federation):
     message across the whole run."""
     assert federation.first_run == 0
     wrong_ca, insecure = federation.untrusting
-    assert wrong_ca.wait(60) == 305
+    assert wrong_ca.wait(60) != 0  # Flower says "Exit Code: 305" and exits
     log = federation.procs.log("wrong-ca")
     assert "CERTIFICATE_VERIFY_FAILED" in log and "SuperNode ID" not in log
     assert insecure.poll() is None or insecure.returncode != 0
