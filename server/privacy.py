@@ -103,20 +103,26 @@ class RoundRefused(RuntimeError):
     """A round under a privacy setting did not get exactly the sampled replies, each of weight 1."""
 
 
-def check_round(server_round: int, expected: int, weights: list[float], failures: int) -> None:
-    """Refuse a private round's aggregation unless every sampled client replied with weight 1."""
-    if failures or len(weights) != expected or any(w != 1 for w in weights):
-        raise RoundRefused(
-            f"round {server_round}: a private round needs exactly {expected} replies of weight 1; got "
-            f"{len(weights)} replies (weights {sorted(set(weights))}) and {failures} failure(s). Checkpoints "
-            "of earlier rounds are kept: resume when every node is back"
-        )
+def check_round(server_round: int, expected: int | None, weights: list[float], errors: list[str]) -> None:
+    """Refuse a private round's aggregation unless every one of the `expected` sampled clients
+    replied with weight 1; with `expected` None (no privacy setting), unless any client replied."""
+    exact = expected is None or (not errors and len(weights) == expected and all(w == 1 for w in weights))
+    if exact and weights:
+        return
+    wanted = "a reply" if expected is None else f"exactly {expected} replies of weight 1"
+    first = f": {errors[0]}" if errors else ""
+    raise RoundRefused(
+        f"round {server_round} needs {wanted}; got {len(weights)} replies (weights {sorted(set(weights))}) "
+        f"and {len(errors)} error(s){first}. Checkpoints of earlier rounds are kept: resume when every "
+        "node is back"
+    )
 
 
 class ExactRounds(Strategy):
-    """A Message-API strategy whose rounds aggregate only exactly the sampled replies of weight 1."""
+    """A Message-API strategy whose rounds aggregate exactly the sampled replies of weight 1 (any
+    reply at all when `expected` is None), or raise RoundRefused."""
 
-    def __init__(self, strategy: Strategy, expected: int) -> None:
+    def __init__(self, strategy: Strategy, expected: int | None) -> None:
         self.strategy, self.expected = strategy, expected
 
     def configure_train(self, server_round, arrays, config, grid):
@@ -126,7 +132,12 @@ class ExactRounds(Strategy):
         replies = list(replies)
         good = [r for r in replies if not r.has_error()]
         weights = [r.content[protocol.METRICS].get(protocol.NUM_EXAMPLES, 0) for r in good]
-        check_round(server_round, self.expected, weights, len(replies) - len(good))
+        errors = [
+            f"node {r.metadata.src_node_id}: {protocol.node_error(r.error.code)}"
+            for r in replies
+            if r.has_error()
+        ]
+        check_round(server_round, self.expected, weights, errors)
         return self.strategy.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
@@ -140,10 +151,10 @@ class ExactRounds(Strategy):
 
 
 class ExactLegacyRounds(LegacyStrategy):
-    """The legacy (SecAgg+) strategy's counterpart of ExactRounds."""
+    """The legacy (SecAgg+) strategy's counterpart of ExactRounds; `aggregated` counts its rounds."""
 
     def __init__(self, strategy: LegacyStrategy, expected: int) -> None:
-        self.strategy, self.expected = strategy, expected
+        self.strategy, self.expected, self.aggregated = strategy, expected, 0
 
     def initialize_parameters(self, client_manager):
         return self.strategy.initialize_parameters(client_manager)
@@ -152,7 +163,9 @@ class ExactLegacyRounds(LegacyStrategy):
         return self.strategy.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
-        check_round(server_round, self.expected, [fit.num_examples for _, fit in results], len(failures))
+        errors = [f"a client failed: {type(failure).__name__}" for failure in failures]
+        check_round(server_round, self.expected, [fit.num_examples for _, fit in results], errors)
+        self.aggregated += 1
         return self.strategy.aggregate_fit(server_round, results, failures)
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -283,10 +296,10 @@ class PrivacyLayer:
 
     # -- the strategy ------------------------------------------------------------------------------
     def wrap(self, strategy: FedAvg) -> Strategy:
-        """The Message-API strategy for this setting (local-dp adds no noise on the server); every
-        setting but `none` aggregates exact rounds only."""
+        """The Message-API strategy for this setting (local-dp adds no noise on the server): exact
+        rounds under every setting but `none`, which only refuses a round no client trained in."""
         self.strategy = self._wrapped(strategy)
-        return self.strategy if self.setting == "none" else ExactRounds(self.strategy, self.sampled)
+        return ExactRounds(self.strategy, None if self.setting == "none" else self.sampled)
 
     def _wrapped(self, strategy: FedAvg) -> Strategy:
         z, clip = self.config.noise_multiplier, self.config.clipping_norm

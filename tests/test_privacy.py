@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod.utils import make_ffn
 from flwr.common import Code, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
@@ -267,8 +267,14 @@ def test_a_private_round_needs_every_sampled_reply_with_weight_one():
     with pytest.raises(RoundRefused, match=r"weights \[1, 9\]"):
         strategy.aggregate_train(1, heavy)
     legacy = PrivacyLayer(_config("secagg"), CLIENTS).wrap_legacy(LegacyFedAvg())
-    with pytest.raises(RoundRefused, match="1 failure"):
+    with pytest.raises(RoundRefused, match="1 error"):
         legacy.aggregate_fit(1, [], [RuntimeError("node 5 dropped")])
+    # Without a privacy setting a round may lose nodes, but a round no node trained in is refused,
+    # naming the nodes' codes (here: what a node's policy answers a run it does not accept).
+    plain = PrivacyLayer(_config("none"), CLIENTS).wrap(build_strategy(_config("none"), CLIENTS))
+    refused = Message(Error(3101, protocol.NodeError.REFUSED_BY_POLICY.text), reply_to=heavy[0])
+    with pytest.raises(RoundRefused, match=r"needs a reply; got 0 replies .* refused by policy"):
+        plain.aggregate_train(1, [refused])
 
 
 def test_the_budget_stops_before_the_round_that_would_exceed_it():
