@@ -21,6 +21,7 @@ import functools
 import math
 import time
 import zlib
+from collections.abc import Iterator
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -109,7 +110,7 @@ def user_metric_names(node: NodeUsers) -> frozenset[str]:
     )
 
 
-def personal_tensors(resident: ResidentModel, node: NodeUsers):
+def personal_tensors(resident: ResidentModel, node: NodeUsers) -> Iterator[torch.Tensor]:
     """Every personal adapter tensor this node holds: the personal slot and each stored adapter."""
     yield from resident.state(PERSONAL).values()
     store = PersonalAdapterStore(node.state_dir)
