@@ -5,9 +5,14 @@ One handler per message type of the protocol (common/protocol.py):
 - `train.personalize`: train each user's personal adapter for one method and store it on this
   node's disk; reply with scalar metrics only.
 - `evaluate`: answer every user's queries with one method; reply with metric counts only.
-The mods, outermost first: `audit_mod` logs what leaves, `privacy_layer_mod` clips, noises or masks the
-shared adapter of a `train` reply, and `privacy_guard_mod` checks every reply the handlers produce:
-personal tensors and text never leave.
+Around it all, `error_code_mod` turns any exception into a generic code. The mods, outermost first:
+`audit_mod` logs what leaves, `privacy_layer_mod` admits the run's privacy setting under the node's
+policy and clips, noises or masks the shared adapter of a `train` reply, and `PrivacyGuard` checks
+every reply the handlers produce against the allowlist (client/mods.py): personal tensors and text
+never leave. The node's policy (client/policy.py) also decides what evaluation reveals per user: a
+pseudonym instead of the id, no history size or per-label counts unless allowed, and no record that
+sums fewer than `min-group-size` answers. Under any privacy setting the metrics that depend on the
+users' data (loss, tokens, time) stay on the node.
 """
 
 from __future__ import annotations
@@ -16,13 +21,22 @@ import functools
 import math
 import time
 import zlib
+from collections.abc import Iterator
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from client.inference import answer_users
-from client.mods import audit_mod, privacy_guard_mod, privacy_layer_mod
+from client.mods import GuardedClientApp, PrivacyGuard, ReplyRules, audit_mod, privacy_layer_mod
+from client.policy import (
+    BadRequest,
+    NodePolicy,
+    PrivacyLedger,
+    node_policy,
+    node_secret,
+    pseudonym,
+    release_multiplier,
+)
 from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import PersonalAdapterStore
 from client.training import train_slot
@@ -37,8 +51,6 @@ from common.profiles import history_fingerprint
 
 WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
-app = ClientApp(mods=[audit_mod, privacy_layer_mod, privacy_guard_mod])
-
 
 @functools.lru_cache(maxsize=1)
 def resident_model(model: str, dtype: str, spec: AdapterSpec) -> ResidentModel:
@@ -48,22 +60,81 @@ def resident_model(model: str, dtype: str, spec: AdapterSpec) -> ResidentModel:
 
 
 @functools.lru_cache(maxsize=256)  # a simulation worker serves many partitions, every round
-def _node(config: RunConfig, node_items: tuple, run_dir: str) -> NodeUsers:
-    return node_users(config, dict(node_items), run_dir)
+def _node(config: RunConfig, node_items: tuple, run_dir: str, policy: NodePolicy) -> NodeUsers:
+    return node_users(config, dict(node_items), run_dir, policy)
 
 
 def setup(context: Context) -> tuple[RunConfig, ResidentModel, NodeUsers]:
     config = RunConfig.from_mapping(context.run_config)
+    policy = node_policy(context.node_config)
+    node = _node(config, tuple(sorted(context.node_config.items())), config.run_dir, policy)
     resident = resident_model(config.model, config.dtype, AdapterSpec.from_config(config))
-    node = _node(config, tuple(sorted(context.node_config.items())), config.run_dir)
     return config, resident, node
 
 
 def requested_method(msg: Message) -> Method:
     name = str(protocol.config_value(msg, protocol.METHOD, ""))
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+        raise BadRequest(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
     return METHODS[name]
+
+
+def released(message_type: str, privacy: str, metrics: dict[str, float]) -> MetricRecord:
+    """The reply's metrics that may leave under this privacy setting (protocol.reply_metric_names)."""
+    allowed = protocol.reply_metric_names(message_type, privacy)
+    return MetricRecord({k: v for k, v in metrics.items() if k in allowed})
+
+
+def user_names(node: NodeUsers, msg: Message) -> list[str]:
+    """How each user appears in this evaluate reply: a pseudonym in the run's scope, or the raw id
+    where the node's policy allows it."""
+    ids = [ctx.user.user_id for ctx in node.contexts]
+    if node.policy.user_ids == "raw":
+        return ids
+    scope = str(protocol.config_value(msg, protocol.USER_SCOPE, "")) or str(msg.metadata.run_id)
+    secret = node_secret(node.state_dir)
+    return [pseudonym(secret, scope, user_id) for user_id in ids]
+
+
+def node_metric_names(node: NodeUsers) -> frozenset[str]:
+    """The node's own evaluate record: its per-label counts only where they cover two users or more
+    (or the policy allows them per user anyway)."""
+    labels = len(node.contexts) >= 2 or node.policy.per_user_label_counts
+    return protocol.evaluate_metric_names(node.task, labels=labels, history=False) | {protocol.NUM_EXAMPLES}
+
+
+def user_metric_names(node: NodeUsers) -> frozenset[str]:
+    policy = node.policy
+    return protocol.evaluate_metric_names(
+        node.task, labels=policy.per_user_label_counts, history=policy.per_user_history
+    )
+
+
+def personal_tensors(resident: ResidentModel, node: NodeUsers) -> Iterator[torch.Tensor]:
+    """Every personal adapter tensor this node holds: the personal slot and each stored adapter."""
+    yield from resident.state(PERSONAL).values()
+    store = PersonalAdapterStore(node.state_dir)
+    for record in store.records():
+        stored = store.load(record.variant, record.user_id)
+        if stored is not None:
+            yield from stored[1].values()
+
+
+def reply_rules(msg: Message, context: Context) -> ReplyRules:
+    config, resident, node = setup(context)
+    evaluate = msg.metadata.message_type == protocol.EVALUATE
+    return ReplyRules(
+        privacy=config.privacy,
+        node_metrics=node_metric_names(node),
+        user_metrics=user_metric_names(node),
+        user_records=frozenset(protocol.user_record(n) for n in user_names(node, msg))
+        if evaluate
+        else frozenset(),
+        personal_tensors=lambda: personal_tensors(resident, node),
+    )
+
+
+app = GuardedClientApp(mods=[audit_mod, privacy_layer_mod, PrivacyGuard(reply_rules)])
 
 
 @app.train()
@@ -72,13 +143,19 @@ def train(msg: Message, context: Context) -> Message:
     config, resident, node = setup(context)
     shared = protocol.shared_adapter(msg)
     if shared is None:
-        raise ValueError(f"train message carries no '{protocol.ARRAYS}' record (the shared adapter)")
-    resident.load(SHARED, shared)
+        raise BadRequest(f"train message carries no '{protocol.ARRAYS}' record (the shared adapter)")
+    resident.load(SHARED, shared)  # a malformed adapter fails here, before it costs any budget
     resident.use(personal=False)
-    examples = [e for ctx in node.contexts for e in ctx.examples(resident, rag=False, profile=False)]
     server_round = int(protocol.config_value(msg, protocol.SERVER_ROUND)) + int(
         protocol.config_value(msg, protocol.ROUND_OFFSET, 0)
     )
+    num_weights = sum(t.numel() for t in shared.values())
+    multiplier = release_multiplier(
+        config.privacy, config.noise_multiplier, config.clipping_norm, num_weights
+    )
+    ledger = PrivacyLedger(node.state_dir)
+    ledger.admit(node.policy, msg.metadata.run_id, server_round, config.privacy, multiplier)
+    examples = [e for ctx in node.contexts for e in ctx.examples(resident, rag=False, profile=False)]
     # Simulation numbers nodes by partition; a deployed node has only its node id.
     pid = int(context.node_config.get("partition-id", context.node_id))
     started = time.perf_counter()
@@ -96,7 +173,9 @@ def train(msg: Message, context: Context) -> Message:
     )
     wire = WIRE_DTYPES[config.wire_dtype]
     arrays = ArrayRecord({k: v.detach().to(wire) for k, v in resident.state(SHARED).items()})
-    metrics = MetricRecord(
+    metrics = released(
+        protocol.TRAIN,
+        config.privacy,
         {
             # Under a privacy setting every client weighs the same (user-level sensitivity).
             protocol.NUM_EXAMPLES: 1 if config.uniform_client_weights else len(examples),
@@ -105,7 +184,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-tokens": result.tokens,
             "train-seconds": time.perf_counter() - started,
             "bytes-sent": sum(a.numpy().nbytes for a in arrays.values()),
-        }
+        },
     )
     return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), reply_to=msg)
 
@@ -146,7 +225,8 @@ def personalize(msg: Message, context: Context) -> Message:
     }
     if losses:
         metrics["personal-loss"] = sum(losses) / len(losses)
-    return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    reply = released(protocol.PERSONALIZE, config.privacy, metrics)
+    return Message(RecordDict({protocol.METRICS: reply}), reply_to=msg)
 
 
 def personal_adapter(
@@ -193,14 +273,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     replies: dict[str, MetricRecord] = {}
     user_counts: list[dict[str, float]] = []
-    for ctx, user_answers in zip(node.contexts, answers, strict=True):
+    minimum, per_user = node.policy.min_group_size, user_metric_names(node)
+    for ctx, name, user_answers in zip(node.contexts, user_names(node, msg), answers, strict=True):
         counts = metric_counts(node.task, user_answers, [q.output for q in ctx.queries()])
         user_counts.append(counts)
-        replies[protocol.user_record(ctx.user.user_id)] = MetricRecord(
-            {**counts, protocol.HISTORY_SIZE: len(ctx.user.history)}
-        )
+        if counts["n"] >= minimum:  # a smaller group is counted in the node's total only
+            record = {**counts, protocol.HISTORY_SIZE: len(ctx.user.history)}
+            replies[protocol.user_record(name)] = MetricRecord(
+                {k: v for k, v in record.items() if k in per_user}
+            )
     total = merge_counts(*user_counts) if user_counts else {"n": 0}
-    replies[protocol.METRICS] = MetricRecord({**total, protocol.NUM_EXAMPLES: int(total["n"])})
+    own = {protocol.NUM_EXAMPLES: int(total["n"])}
+    if total["n"] >= minimum:
+        own |= {k: v for k, v in total.items() if k in node_metric_names(node)}
+    replies[protocol.METRICS] = MetricRecord(own)
     return Message(RecordDict(replies), reply_to=msg)
 
 

@@ -1,7 +1,9 @@
 """The node's commands: `fedoppu node start`, and `fedoppu adapter list|export|import|delete`.
 
 `node start` wraps Flower's flower-supernode (every flag keeps Flower's meaning) and passes the node's
-data directory in its node config, so its users' adapters stay on its disk (docs/deploy.md).
+data directory and privacy policy in its node config, so its users' adapters stay on its disk and the
+node, not the run, decides what privacy it accepts (docs/deploy.md). Beside it runs the node's own
+SuperExec (client/superexec.py), which launches only the app packages the node trusts.
 A user's personal adapters belong to the user; run the `adapter` commands on the node that hosts them.
 Export hands the user a portable archive (peft adapters plus their manifest entries); import puts one
 on this node (for example after the user moved here); delete removes every trace of the user the node
@@ -12,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from common.cli import console
-from common.flower_processes import DeployError, exec_flower, existing_path, flower_binary
+from common.flower_processes import DeployError, exec_flower, existing_path, flower_binary, flower_env
 from common.io import DataError
 
 if TYPE_CHECKING:
@@ -44,6 +49,11 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         node_config.append(f"state-dir={_toml_string(str(Path(args.state_dir).resolve()), '--state-dir')}")
     elif data.is_file():
         raise DeployError(f"--data {data} is a file: pass --state-dir for this node's adapters and profiles")
+    if args.policy:
+        policy = existing_path(Path(args.policy), "--policy", "expected the node's privacy policy (TOML)")
+        node_config.append(f"policy-path={_toml_string(str(policy), '--policy')}")
+    if args.task:
+        node_config.append(f"task={_toml_string(args.task, '--task')}")
     command = [
         flower_binary("flower-supernode"),
         "--superlink",
@@ -52,6 +62,8 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         str(args.port),
         "--node-config",
         " ".join(node_config),
+        "--isolation",
+        "process",  # the ClientApps are launched by the node's own SuperExec: trusted apps only
     ]
     if args.insecure:
         command.append("--insecure")
@@ -71,8 +83,25 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     return command
 
 
+def superexec_command(port: int, trusted: list[str], parent_pid: int) -> list[str]:
+    """The node's SuperExec (client/superexec.py) for the SuperNode's local Runtime API."""
+    command = [sys.executable, "-m", "client.superexec", "--runtime-api-address", f"127.0.0.1:{port}"]
+    command += ["--parent-pid", str(parent_pid)]
+    return command + [arg for digest in trusted for arg in ("--trusted", digest)]
+
+
 def node_start_command(args: argparse.Namespace) -> int:
-    return exec_flower(supernode_command(args))
+    from client.policy import NodePolicy, load_policy
+    from client.superexec import trusted_apps
+
+    command = supernode_command(args)
+    policy = load_policy(args.policy) if args.policy else NodePolicy()  # checked before anything starts
+    trusted = trusted_apps(policy)
+    console.print(f"this node runs only the app package(s) {', '.join(t[:12] for t in trusted) or '(none)'}")
+    # Started first, it outlives nothing: once this process becomes the SuperNode (same pid), the
+    # SuperExec exits with it.
+    subprocess.Popen(superexec_command(args.port, trusted, os.getpid()), env=flower_env())
+    return exec_flower(command)
 
 
 def _store(args: argparse.Namespace, *, existing: bool = True) -> PersonalAdapterStore:
@@ -169,6 +198,14 @@ def register(subparsers) -> None:
     node_start_parser.add_argument(
         "--state-dir", help="where adapters and profiles go (default: <data>/.fedoppu)"
     )
+    node_start_parser.add_argument(
+        "--policy",
+        metavar="TOML",
+        help="this node's privacy policy (docs/deploy.md); default: the deployed default of client/policy.py",
+    )
+    node_start_parser.add_argument(
+        "--task", help="the task of data that names none (a .jsonl file); the run config cannot change it"
+    )
     node_start_parser.set_defaults(func=node_start_command)
 
     adapter = subparsers.add_parser(
@@ -199,9 +236,9 @@ def register(subparsers) -> None:
     )
     imported = command(
         "import",
-        "add an exported archive's adapters to this node",
+        "add an exported archive's adapters to this node, for the user it was exported for",
         adapter_import_command,
-        user_required=False,
+        user_required=True,
     )
     imported.add_argument("archive", type=Path, help="a .tar.gz from `fedoppu adapter export`")
     imported.add_argument("--overwrite", action="store_true", help="replace the user's adapters already here")

@@ -4,7 +4,10 @@ Each adapter is written atomically (temporary directory + rename) and recorded i
 checksum, the version and digest of the shared adapter it was trained on and a fingerprint of the
 user's history, so a later run can reuse it, continue from it, or detect that it is corrupt and
 retrain it. The adapters belong to their users: they can be exported as a portable archive, imported
-on another node, and deleted without a trace.
+on another node (for the user it was exported for, within size limits), and deleted without a trace.
+A user's directory is named by a hash of the id alone, so no user id can name another user's
+directory; a store written with the older names (the id itself when it was a safe file name) is
+migrated the first time it is changed.
 """
 
 from __future__ import annotations
@@ -37,9 +40,14 @@ from common.io import (
 from common.peft_io import WEIGHTS, read_adapter, write_adapter
 
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2  # 2: user directories named by hash only (1: the id itself when it was safe)
 PROFILES = "profiles"  # the node's profile cache, next to its adapters
 STATE_DIR = ".fedoppu"  # a deployed node's state inside its data directory, unless `state-dir` is set
 _VARIANT = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a method name: one path component
+# An imported archive holds a few peft adapters of one user (a few MB each): far below these.
+MAX_ARCHIVE_BYTES = 256 * 2**20
+MAX_UNPACKED_BYTES = 1024 * 2**20
+MAX_ARCHIVE_MEMBERS = 4096
 
 
 @dataclass(frozen=True)
@@ -59,10 +67,14 @@ def node_state_dir(data_path: str | Path, state_dir: str | Path | None = None) -
     return Path(state_dir) if state_dir else Path(data_path) / STATE_DIR
 
 
-def _safe_name(user_id: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", user_id) and user_id not in {".", ".."}:
-        return user_id
-    return "user-" + hashlib.sha256(user_id.encode()).hexdigest()[:16]
+def user_dir_name(user_id: str) -> str:
+    """A user's directory name: a hash of the id and nothing else, so no id can name another's."""
+    return "u-" + hashlib.sha256(user_id.encode()).hexdigest()[:32]
+
+
+def _leftover(name: str) -> re.Pattern:
+    """Temporary and replaced directories that atomic writes of `name` can leave after a crash."""
+    return re.compile(rf"\.{re.escape(name)}\.([a-z0-9_]{{8}}\.tmp|old-\d+)")
 
 
 def _record(entry: dict, where: Path) -> AdapterRecord:
@@ -89,7 +101,32 @@ class PersonalAdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
+            self._migrate()
             yield
+
+    def _migrate(self) -> None:
+        """Rename a version-1 store's user directories to hash-only names (through unique staging
+        names, since an old name can be a new one) and drop its crash leftovers."""
+        if not self.manifest_path.exists():
+            return
+        manifest = read_json(self.manifest_path)
+        if not isinstance(manifest, dict) or manifest.get("version") == MANIFEST_VERSION:
+            return  # current, or malformed: _manifest() names the problem
+        adapters = self._manifest()
+        staged = {}
+        for key, entry in adapters.items():
+            old = self.root / entry["path"]
+            for leftover in old.parent.glob(".*"):
+                if _leftover(old.name).fullmatch(leftover.name):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            if old.is_dir():
+                staged[key] = old.rename(old.with_name(f".migrating-{len(staged)}"))
+        for key, entry in adapters.items():
+            target = self.root / "adapters" / entry["variant"] / user_dir_name(entry["user_id"])
+            if key in staged:
+                staged[key].rename(target)
+            entry["path"] = str(target.relative_to(self.root))
+        self._write_manifest(adapters)
 
     def _manifest(self) -> dict[str, dict]:
         if not self.manifest_path.exists():
@@ -100,7 +137,7 @@ class PersonalAdapterStore:
         return manifest["adapters"]
 
     def _write_manifest(self, adapters: dict[str, dict]) -> None:
-        atomic_write_json(self.manifest_path, {"version": 1, "adapters": adapters})
+        atomic_write_json(self.manifest_path, {"version": MANIFEST_VERSION, "adapters": adapters})
 
     @staticmethod
     def _key(variant: str, user_id: str) -> str:
@@ -130,7 +167,7 @@ class PersonalAdapterStore:
         shared_version: int | None = None,
     ) -> AdapterRecord:
         """Write the adapter so that `PeftModel.from_pretrained(model, path)` loads it as is."""
-        target = self.root / "adapters" / variant / _safe_name(user_id)
+        target = self.root / "adapters" / variant / user_dir_name(user_id)
         with self._locked():
             digest = write_adapter(target, state, peft_config)
             record = AdapterRecord(
@@ -178,8 +215,8 @@ class PersonalAdapterStore:
 
     def _user_dirs(self, user_id: str, variants: list[str] | None) -> Iterator[Path]:
         """The user's adapter directories, including temporary and replaced ones from atomic writes."""
-        name = _safe_name(user_id)
-        leftover = re.compile(rf"\.{re.escape(name)}\.([a-z0-9_]{{8}}\.tmp|old-\d+)")
+        name = user_dir_name(user_id)
+        leftover = _leftover(name)
         base = self.root / "adapters"
         if variants is not None:
             variant_dirs = [base / v for v in variants]
@@ -210,7 +247,7 @@ class PersonalAdapterStore:
                     f"{self.root / record.path}: adapter '{record.variant}' of user {user_id!r} fails its "
                     "checksum; the node retrains it in the next run, export it after that"
                 )
-        top = _safe_name(user_id)
+        top = user_dir_name(user_id)
         manifest = {
             "version": 1,
             "user_id": user_id,
@@ -225,13 +262,19 @@ class PersonalAdapterStore:
         return records
 
     def import_archive(
-        self, archive: str | Path, *, user_id: str | None = None, overwrite: bool = False
+        self, archive: str | Path, *, user_id: str, overwrite: bool = False
     ) -> list[AdapterRecord]:
-        """Add the adapters of an exported archive to this node, after verifying every checksum."""
+        """Add the adapters of an archive exported for `user_id` to this node, after checking its size
+        and every checksum; an archive of another user, or with entries of another, is refused."""
         archive = Path(archive)
         with tempfile.TemporaryDirectory() as tmp:
             try:
+                if archive.stat().st_size > MAX_ARCHIVE_BYTES:
+                    raise DataError(
+                        f"{archive}: larger than {MAX_ARCHIVE_BYTES} bytes; not an adapter archive"
+                    )
                 with tarfile.open(archive, "r:*") as tar:
+                    _check_members(tar.getmembers(), archive)
                     tar.extractall(tmp, filter="data")
             except (OSError, tarfile.TarError) as err:
                 raise DataError(f"{archive}: not a readable adapter archive ({err})") from err
@@ -239,9 +282,11 @@ class PersonalAdapterStore:
             if len(tops) != 1:
                 raise DataError(f"{archive}: expected one '<user>/{MANIFEST}' in the archive")
             owner, entries = _archive_manifest(tops[0] / MANIFEST, archive)
-            if user_id is not None and owner != user_id:
+            if owner != user_id:
                 raise DataError(f"{archive}: holds the adapters of user {owner!r}, not {user_id!r}")
             records = [_record(entry, archive) for entry in entries.values()]
+            if any(record.user_id != owner for record in records):
+                raise DataError(f"{archive}: has adapter entries of a user other than {owner!r}")
             for record in records:
                 weights = tops[0] / record.path / WEIGHTS
                 if not weights.is_file() or file_sha256(weights) != record.sha256:
@@ -256,7 +301,7 @@ class PersonalAdapterStore:
                     )
                 imported = []
                 for record in records:
-                    target = self.root / "adapters" / record.variant / _safe_name(owner)
+                    target = self.root / "adapters" / record.variant / user_dir_name(owner)
                     with atomic_directory(target) as staging:
                         shutil.copytree(tops[0] / record.path, staging, dirs_exist_ok=True)
                     imported.append(replace(record, user_id=owner, path=str(target.relative_to(self.root))))
@@ -277,6 +322,18 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime = len(data), int(time.time())
     tar.addfile(_portable(info), io.BytesIO(data))
+
+
+def _check_members(members: list[tarfile.TarInfo], archive: Path) -> None:
+    """Only plain files and directories, within the size limits, before anything is unpacked."""
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise DataError(
+            f"{archive}: {len(members)} entries; an adapter archive has at most {MAX_ARCHIVE_MEMBERS}"
+        )
+    if any(not (m.isfile() or m.isdir()) for m in members):
+        raise DataError(f"{archive}: holds links or special files; an adapter archive holds files only")
+    if sum(m.size for m in members) > MAX_UNPACKED_BYTES:
+        raise DataError(f"{archive}: unpacks to more than {MAX_UNPACKED_BYTES} bytes; not an adapter archive")
 
 
 def _archive_manifest(path: Path, archive: Path) -> tuple[str, dict[str, dict]]:

@@ -1,8 +1,10 @@
 """A node's users: which users it hosts, and their prompts with context, built once per process.
 
 In simulation a partition id picks a block of `users-per-client` users; a deployed node instead
-reads every user in its own data directory. Prompts with retrieval or a profile are built here, on
-the client, so history and profile text never leave it.
+reads every user in its own data directory, with the task its data names (or its node config's
+`task`, for data that names none): the run config cannot make a node read its users' outputs as
+another task's. Prompts with retrieval or a profile are built here, on the client, so history and
+profile text never leave it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.policy import BadRequest, NodePolicy
 from client.resident import ResidentModel
 from client.store import PROFILES, node_state_dir
 from client.training import Example, encode_example
@@ -110,20 +113,25 @@ class NodeUsers:
     task: Task
     contexts: list[UserContext]
     state_dir: Path
+    policy: NodePolicy
 
 
-def node_users(config: RunConfig, node_config: dict, run_dir: str) -> NodeUsers:
+def node_users(config: RunConfig, node_config: dict, run_dir: str, policy: NodePolicy) -> NodeUsers:
     """The users this node hosts, from its node config (deployment) or its partition id (simulation)."""
     data_path = node_config.get("data-path")
-    dataset = load_run_dataset(config, str(data_path) if data_path else None)
     if data_path:
+        own_task = str(node_config.get("task", ""))
+        dataset = load_run_dataset(config.replace(task=own_task), str(data_path))
+        if config.task and get_task(config.task).name != dataset.task:
+            raise BadRequest(f"the run asks for task {config.task!r}; this node's data is {dataset.task!r}")
         users = dataset.users
         state_dir = node_state_dir(str(data_path), node_config.get("state-dir"))
     else:
+        dataset = load_run_dataset(config)
         pid = int(node_config.get("partition-id", 0))
         users = partition(dataset.users, pid, config.users_per_client)
         root = Path(config.state_dir) if config.state_dir else Path(run_dir) / "clients"
         state_dir = root / f"partition-{pid}"
     task = get_task(dataset.task)
     profiles = ProfileCache(state_dir / PROFILES)
-    return NodeUsers(task, [UserContext(task, u, config, profiles) for u in users], state_dir)
+    return NodeUsers(task, [UserContext(task, u, config, profiles) for u in users], state_dir, policy)

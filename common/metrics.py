@@ -32,6 +32,22 @@ def metric_counts(task: Task, predictions: Sequence[str], golds: Sequence[str]) 
     return _rouge_counts(extracted, golds)
 
 
+def label_count_names(task: Task) -> tuple[str, ...]:
+    """The per-label breakdown of a classification task's counts (tp/fp/fn per label)."""
+    if task.kind != CLASSIFICATION:
+        return ()
+    return tuple(f"{kind}/{label}" for label in task.labels for kind in ("tp", "fp", "fn"))
+
+
+def count_names(task: Task) -> tuple[str, ...]:
+    """Every name `metric_counts` can produce for the task: what an evaluate reply may carry."""
+    if task.kind == CLASSIFICATION:
+        return ("n", "correct", *label_count_names(task))
+    if task.kind == RATING:
+        return ("n", "abs_err_sum", "sq_err_sum")
+    return ("n", "rouge1_sum", "rougeL_sum")
+
+
 def merge_counts(*counts: Mapping[str, float]) -> dict[str, float]:
     merged: dict[str, float] = {}
     for part in counts:
@@ -85,8 +101,9 @@ def _classification_counts(
 
 
 def _macro_f1(labels: tuple[str, ...], counts: Mapping[str, float], n: float) -> float:
-    """Mean F1 over the whole label set; a label never seen nor predicted scores 0, as sklearn does."""
-    if not n:
+    """Mean F1 over the whole label set; a label never seen nor predicted scores 0, as sklearn does.
+    Counts without the per-label breakdown (a node's policy can withhold it) have no F1."""
+    if not n or not any(key.startswith("tp/") for key in counts):
         return math.nan
     scores = []
     for label in labels:

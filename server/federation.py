@@ -34,6 +34,11 @@ class ClientFailure(RuntimeError):
     """A node replied with an error instead of a result."""
 
 
+def node_counts(replies: Iterable[Message]) -> list[dict[str, float]]:
+    """Each node's own record: its answer count and, where its policy allows, its summed counts."""
+    return [dict(reply.content[protocol.METRICS]) for reply in replies]
+
+
 def user_counts(replies: Iterable[Message], label: str) -> dict[str, dict[str, float]]:
     """Per-user metric counts from every node's reply; a user reported by two nodes is an error,
     since summing them would silently score that user twice."""
@@ -91,7 +96,7 @@ class Federation:
         method: str | None,
         shared: StateDict | None,
         label: str,
-        extra: dict[str, int] | None = None,
+        extra: dict[str, int | str] | None = None,
     ) -> list[Message]:
         """Send one message per node and collect every reply, showing progress as nodes finish."""
         messages = protocol.requests(
@@ -109,15 +114,20 @@ class Federation:
                     progress.advance(bar)
                 if pending:
                     time.sleep(0.2)
-        errors = [r.error.reason for r in replies if r.has_error()]
+        errors = [
+            f"node {r.metadata.src_node_id}: {protocol.node_error(r.error.code)}"
+            for r in replies
+            if r.has_error()
+        ]
         if errors:
             raise ClientFailure(f"{label}: {len(errors)} client(s) failed; first error: {errors[0]}")
         return replies
 
     def evaluate(self, method: str, shared: StateDict | None, label: str | None = None) -> Evaluation:
         label = label or f"evaluating {method}"
-        replies = self.broadcast(protocol.EVALUATE, method, shared, label)
-        return Evaluation.from_user_counts(self.task, user_counts(replies, label))
+        scope = {protocol.USER_SCOPE: self.recorder.user_scope}
+        replies = self.broadcast(protocol.EVALUATE, method, shared, label, scope)
+        return Evaluation.from_counts(self.task, node_counts(replies), user_counts(replies, label))
 
     def evaluate_method(self, method: str, shared: StateDict | None) -> None:
         started = time.perf_counter()
@@ -159,7 +169,10 @@ class Federation:
         self.shared_round = start_round
         if start_round >= config.num_rounds:
             return state
-        privacy = PrivacyLayer(config, len(self.node_ids), completed_rounds=start_round)
+        num_weights = sum(tensor.numel() for tensor in state.values())
+        privacy = PrivacyLayer(
+            config, len(self.node_ids), completed_rounds=start_round, num_weights=num_weights
+        )
         last_round = start_round + privacy.affordable_rounds(start_round, config.num_rounds - start_round)
         self.stopped_early = last_round < config.num_rounds
         self.recorder.record_privacy(

@@ -5,6 +5,11 @@ user-level (add or remove one client, i.e. one user's whole history when a clien
 without subsampling credit, accounted with Flower's RdpAccountant. Each round releases the same
 events, so the budget check is exact: `affordable_rounds` says, before training, after how many rounds
 the next release would exceed `max-epsilon`, and the federation stops there.
+
+Under any privacy setting a round aggregates exactly the sampled clients' replies, each of weight 1,
+or it is refused (`RoundRefused`): the noise is calibrated to the mean of n updates, so fewer replies
+lower it relative to each one, and unequal weights void the user-level sensitivity. SecAgg+ rounds its
+sum to 2^22 levels per weight; secagg+dp accounts that error as part of the sensitivity.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping as LegacyClientSideClipping
 from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.serverapp import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -31,6 +37,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
+from common import protocol
 from common.config import ConfigError, RunConfig
 
 ACCOUNTING = {
@@ -43,7 +50,7 @@ ACCOUNTING = {
     "user): noise multiplier z/2; protects each update from the server itself",
     "secagg": "no DP: SecAgg+ hides individual updates, not the aggregate; no epsilon can be claimed",
     "secagg+dp": "RDP (standalone accountant), Gaussian noise z per round on the SecAgg+ sum of client-clipped "
-    "updates",
+    "updates; sensitivity C plus SecAgg+'s rounding bound",
 }
 
 
@@ -92,12 +99,94 @@ class RoundClipAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
             self.clipping_norm = next_norm
 
 
+class RoundRefused(RuntimeError):
+    """A round under a privacy setting did not get exactly the sampled replies, each of weight 1."""
+
+
+def check_round(server_round: int, expected: int | None, weights: list[float], errors: list[str]) -> None:
+    """Refuse a private round's aggregation unless every one of the `expected` sampled clients
+    replied with weight 1; with `expected` None (no privacy setting), unless any client replied."""
+    exact = expected is None or (not errors and len(weights) == expected and all(w == 1 for w in weights))
+    if exact and weights:
+        return
+    wanted = "a reply" if expected is None else f"exactly {expected} replies of weight 1"
+    first = f": {errors[0]}" if errors else ""
+    raise RoundRefused(
+        f"round {server_round} needs {wanted}; got {len(weights)} replies (weights {sorted(set(weights))}) "
+        f"and {len(errors)} error(s){first}. Checkpoints of earlier rounds are kept: resume when every "
+        "node is back"
+    )
+
+
+class ExactRounds(Strategy):
+    """A Message-API strategy whose rounds aggregate exactly the sampled replies of weight 1 (any
+    reply at all when `expected` is None), or raise RoundRefused."""
+
+    def __init__(self, strategy: Strategy, expected: int | None) -> None:
+        self.strategy, self.expected = strategy, expected
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        good = [r for r in replies if not r.has_error()]
+        weights = [r.content[protocol.METRICS].get(protocol.NUM_EXAMPLES, 0) for r in good]
+        errors = [
+            f"node {r.metadata.src_node_id}: {protocol.node_error(r.error.code)}"
+            for r in replies
+            if r.has_error()
+        ]
+        check_round(server_round, self.expected, weights, errors)
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+class ExactLegacyRounds(LegacyStrategy):
+    """The legacy (SecAgg+) strategy's counterpart of ExactRounds; `aggregated` counts its rounds."""
+
+    def __init__(self, strategy: LegacyStrategy, expected: int) -> None:
+        self.strategy, self.expected, self.aggregated = strategy, expected, 0
+
+    def initialize_parameters(self, client_manager):
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return self.strategy.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round, results, failures):
+        errors = [f"a client failed: {type(failure).__name__}" for failure in failures]
+        check_round(server_round, self.expected, [fit.num_examples for _, fit in results], errors)
+        self.aggregated += 1
+        return self.strategy.aggregate_fit(server_round, results, failures)
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return self.strategy.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round, parameters):
+        return self.strategy.evaluate(server_round, parameters)
+
+
 class PrivacyLayer:
     """One run's privacy setting: the wrapped strategy, its accountant and its budget."""
 
-    def __init__(self, config: RunConfig, num_clients: int, completed_rounds: int = 0) -> None:
+    def __init__(
+        self, config: RunConfig, num_clients: int, completed_rounds: int = 0, num_weights: int = 0
+    ) -> None:
         self.config = config
         self.setting = config.privacy
+        self.num_weights = num_weights  # the shared adapter's size: SecAgg+'s rounding grows with it
         self.population = num_clients
         self.sampled = max(1, math.ceil(num_clients * config.fraction_train))
         if self.accounted and config.dp_delta >= 1 / num_clients:
@@ -127,11 +216,19 @@ class PrivacyLayer:
             return None
         return AdaptiveNoise.for_config(self.config.noise_multiplier, self.sampled)
 
+    @property
+    def quantization_bound(self) -> float:
+        """secagg+dp: the L2 bound of SecAgg+'s rounding error on one client's update."""
+        return protocol.secagg_quantization_bound(self.num_weights) if self.setting == "secagg+dp" else 0.0
+
     def round_events(self) -> list[GaussianPrivacyEvent]:
         """The private releases of one round, as noise multipliers relative to their sensitivity."""
         z = self.config.noise_multiplier
-        if self.setting in ("central-dp", "client-dp", "secagg+dp"):
+        if self.setting in ("central-dp", "client-dp"):
             multipliers = [z]
+        elif self.setting == "secagg+dp":  # noise z*C on a sum whose sensitivity is C + rounding
+            clip = self.config.clipping_norm
+            multipliers = [z * clip / (clip + self.quantization_bound)]
         elif self.setting == "local-dp":
             multipliers = [z / 2]
         elif (adaptive := self.adaptive) is not None:
@@ -199,9 +296,10 @@ class PrivacyLayer:
 
     # -- the strategy ------------------------------------------------------------------------------
     def wrap(self, strategy: FedAvg) -> Strategy:
-        """The Message-API strategy for this setting (local-dp adds nothing on the server)."""
+        """The Message-API strategy for this setting (local-dp adds no noise on the server): exact
+        rounds under every setting but `none`, which only refuses a round no client trained in."""
         self.strategy = self._wrapped(strategy)
-        return self.strategy
+        return ExactRounds(self.strategy, None if self.setting == "none" else self.sampled)
 
     def _wrapped(self, strategy: FedAvg) -> Strategy:
         z, clip = self.config.noise_multiplier, self.config.clipping_norm
@@ -223,13 +321,13 @@ class PrivacyLayer:
             )
         return strategy
 
-    def wrap_legacy(self, strategy: LegacyFedAvg) -> LegacyFedAvg | LegacyClientSideClipping:
-        """secagg+dp: clients clip (fixedclipping_mod), the server noises the SecAgg+ sum."""
-        if self.setting != "secagg+dp":
-            return strategy
-        return LegacyClientSideClipping(
-            strategy, self.config.noise_multiplier, self.config.clipping_norm, self.sampled
-        )
+    def wrap_legacy(self, strategy: LegacyFedAvg) -> ExactLegacyRounds:
+        """secagg+dp: clients clip (client/mods.py: NodeClippingMod), the server noises the SecAgg+ sum."""
+        if self.setting == "secagg+dp":
+            strategy = LegacyClientSideClipping(
+                strategy, self.config.noise_multiplier, self.config.clipping_norm, self.sampled
+            )
+        return ExactLegacyRounds(strategy, self.sampled)
 
     def describe(self) -> dict:
         """What metrics.json records about the setting (epsilon per round is added by the rounds)."""
@@ -247,4 +345,7 @@ class PrivacyLayer:
         if (adaptive := self.adaptive) is not None:
             info["update_noise_multiplier"] = adaptive.update_multiplier
             info["count_noise_stddev"] = adaptive.count_stddev
+        if self.setting == "secagg+dp":
+            info["quantization_l2_bound"] = self.quantization_bound
+            info["accounted_noise_multiplier"] = self.round_events()[0].noise_multiplier
         return info

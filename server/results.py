@@ -1,7 +1,13 @@
-"""The run's results file, rewritten atomically after every phase so a crash loses nothing."""
+"""The run's results file, rewritten atomically after every phase so a crash loses nothing.
+
+Users appear in it under the names their nodes reported them by: pseudonyms by default, one scope per
+results file (`user_scope`, kept when a run resumes, so one user has one name across every method).
+"""
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,22 +21,34 @@ from common.tasks import Task
 
 @dataclass
 class Evaluation:
-    """One method's answers scored: exact metrics over all users and per user, from their counts.
-    The counts themselves are kept too: the report's intervals resample users and recompute the pooled
-    metrics from them (macro-F1 cannot be recomputed from per-user F1)."""
+    """One method's answers scored: exact metrics over all answers (from the nodes' own counts) and per
+    user (from the users' counts, as far as the nodes' policies report them). The per-user counts are
+    kept too: the report's intervals resample users and recompute the pooled metrics from them
+    (macro-F1 cannot be recomputed from per-user F1). `withheld` answers were scored by their nodes
+    but reported in no record (their group was below the node's minimum group size)."""
 
     overall: dict[str, float]
     users: dict[str, dict[str, float]]
     history: dict[str, int]
     counts: dict[str, dict[str, float]]
+    withheld: int = 0
 
     @classmethod
-    def from_user_counts(cls, task: Task, counts: dict[str, dict[str, float]]) -> Evaluation:
-        history = {uid: int(c.pop(protocol.HISTORY_SIZE, 0)) for uid, c in counts.items()}
-        ordered = dict(sorted(counts.items()))  # sums in user order, not reply arrival order: reproducible
-        users = {uid: metrics_from_counts(task, c) for uid, c in ordered.items()}
-        overall = metrics_from_counts(task, merge_counts(*ordered.values())) if counts else {"n": 0}
-        return cls(overall, users, history, ordered)
+    def from_counts(
+        cls, task: Task, nodes: list[dict[str, float]], users: dict[str, dict[str, float]]
+    ) -> Evaluation:
+        history = {
+            uid: int(c.pop(protocol.HISTORY_SIZE)) for uid, c in users.items() if protocol.HISTORY_SIZE in c
+        }
+        ordered = dict(sorted(users.items()))  # sums in user order, not reply arrival order: reproducible
+        per_user = {uid: metrics_from_counts(task, c) for uid, c in ordered.items()}
+        reported = sorted(
+            ({k: v for k, v in node.items() if k != protocol.NUM_EXAMPLES} for node in nodes if "n" in node),
+            key=lambda counts: json.dumps(counts, sort_keys=True),  # arrival-order free, as above
+        )
+        overall = metrics_from_counts(task, merge_counts(*reported)) if reported else {"n": 0}
+        answered = sum(int(node.get(protocol.NUM_EXAMPLES, 0)) for node in nodes)
+        return cls(overall, per_user, history, ordered, answered - int(overall["n"]))
 
 
 class RunRecorder:
@@ -53,7 +71,13 @@ class RunRecorder:
                 "personalize": {},
                 "history": {},
             }
+        self.data.setdefault("user_scope", secrets.token_hex(16))
         self.save()
+
+    @property
+    def user_scope(self) -> str:
+        """The scope the nodes' user pseudonyms are drawn in for this results file."""
+        return self.data["user_scope"]
 
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
@@ -65,6 +89,8 @@ class RunRecorder:
             "counts": evaluation.counts,
             "seconds": seconds,
         }
+        if evaluation.withheld:
+            self.data["methods"][name]["withheld"] = evaluation.withheld
         self.data["history"].update(evaluation.history)
         self.save()
 

@@ -21,11 +21,13 @@ from flwr.serverapp import Grid
 
 from common import protocol
 from common.adapters import StateDict
-from server.privacy import PrivacyLayer
+from server.privacy import PrivacyLayer, RoundRefused
 
 # Every sampled client shares its masking secrets with all others (num_shares = 1.0 of them); masks
 # are recovered from any half of them, so the server colluding with fewer than half the clients
-# learns nothing about one update beyond the sum.
+# learns nothing about one update beyond the sum. Every client weighs 1 (num-examples under any
+# privacy setting), so max_weight = 1 leaves the quantization all 2^22 levels for the update itself;
+# Flower's default of 1000 scales each update by 1/1000 first, a thousand times the rounding error.
 NUM_SHARES = 1.0
 RECONSTRUCTION_THRESHOLD = 0.5
 
@@ -68,10 +70,26 @@ def run_secagg(
         initial_parameters=ndarrays_to_parameters([v.float().numpy() for v in initial.values()]),
         fit_metrics_aggregation_fn=fit_metrics,
     )
+    exact = privacy.wrap_legacy(strategy)
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
         config=ServerConfig(num_rounds=num_rounds),
-        strategy=privacy.wrap_legacy(strategy),
+        strategy=exact,
     )
-    workflow = SecAggPlusWorkflow(num_shares=NUM_SHARES, reconstruction_threshold=RECONSTRUCTION_THRESHOLD)
-    DefaultWorkflow(fit_workflow=workflow)(grid, context)
+    secagg = SecAggPlusWorkflow(
+        num_shares=NUM_SHARES,
+        reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
+        max_weight=protocol.SECAGG_MAX_WEIGHT,
+        clipping_range=protocol.SECAGG_CLIPPING_RANGE,
+        quantization_range=protocol.SECAGG_QUANTIZATION_RANGE,
+    )
+
+    def fit_round(grid: Grid, context: LegacyContext) -> None:
+        """SecAgg+ halts a round quietly (too few shares, nodes refusing); refuse it instead, before
+        the round is evaluated and accounted as if it had been released."""
+        aggregated = exact.aggregated
+        secagg(grid, context)
+        if exact.aggregated == aggregated:
+            raise RoundRefused("SecAgg+ halted before aggregating this round (see the log above)")
+
+    DefaultWorkflow(fit_workflow=fit_round)(grid, context)

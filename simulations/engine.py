@@ -61,10 +61,16 @@ class FederationFailed(RuntimeError):
     """The federation's process ended with an error (its traceback was printed above)."""
 
 
-def run_federation(config: RunConfig, num_supernodes: int, engine: EngineOptions = DEFAULT_ENGINE) -> None:
-    """Run one federation in a fresh process, so no Ray or Flower state leaks between federations."""
+def run_federation(
+    config: RunConfig,
+    num_supernodes: int,
+    engine: EngineOptions = DEFAULT_ENGINE,
+    server_app: str | None = None,
+) -> None:
+    """Run one federation in a fresh process, so no Ray or Flower state leaks between federations.
+    `server_app` ("module:attribute") replaces the app's own ServerApp (the tests' malicious one)."""
     process = multiprocessing.get_context("spawn").Process(
-        target=_run_in_process, args=(config, num_supernodes, engine), name="fedoppu-federation"
+        target=_run_in_process, args=(config, num_supernodes, engine, server_app), name="fedoppu-federation"
     )
     process.start()
     try:
@@ -77,13 +83,16 @@ def run_federation(config: RunConfig, num_supernodes: int, engine: EngineOptions
         raise FederationFailed(f"the federation in {config.run_dir} failed (exit code {process.exitcode})")
 
 
-def _run_in_process(config: RunConfig, num_supernodes: int, engine: EngineOptions) -> None:
+def _run_in_process(
+    config: RunConfig, num_supernodes: int, engine: EngineOptions, server_app: str | None
+) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not engine.flower_log:  # fedoppu's progress bars and report are what a user reads
         logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
     server_attr, client_attr = _components()
+    server_attr = server_app or server_attr
     run_config = config.to_flower()
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)

@@ -137,10 +137,11 @@ def _difference(part: dict, first: str, second: str) -> dict | None:
 
 def plot_user_gain(metrics: dict, path: Path) -> bool:
     """Per-user gain of OPPU over the shared adapter, users grouped by history size; each group's
-    pooled gain with its 95% interval (paired, users resampled)."""
+    pooled gain with its 95% interval (paired, users resampled). None where the nodes' policies
+    withhold the users' history sizes (the deployed default)."""
     key = metrics["primary_metric"]
     methods = metrics["methods"]
-    if "oppu" not in methods or "shared" not in methods:
+    if "oppu" not in methods or "shared" not in methods or not metrics.get("history"):
         return False
     groups = history_groups(
         {uid: n for uid, n in metrics["history"].items() if uid in methods["oppu"]["users"]}

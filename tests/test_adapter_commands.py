@@ -10,9 +10,12 @@ import torch
 from conftest import tiny_llama
 from peft import PeftModel
 
+from client import store as store_module
 from client.resident import PERSONAL, SHARED, ResidentModel
-from client.store import PROFILES, STATE_DIR, PersonalAdapterStore
+from client.store import PROFILES, STATE_DIR, PersonalAdapterStore, user_dir_name
 from common.adapters import AdapterSpec
+from common.io import DataError, atomic_write_json
+from common.peft_io import write_adapter
 from common.profiles import ProfileCache
 from simulations.cli import main
 
@@ -119,9 +122,9 @@ def test_import_verifies_the_archive_and_refuses_to_overwrite(node, tmp_path, ca
         original.shared_version,
         original.created,
     )
-    assert main(["adapter", "import", "--data", str(other), str(archive)]) == 2
+    assert main(["adapter", "import", "--data", str(other), str(archive), "--user", USER]) == 2
     assert _said("pass --overwrite to replace them", capsys)
-    assert main(["adapter", "import", "--data", str(other), str(archive), "--overwrite"]) == 0
+    assert main(["adapter", "import", "--data", str(other), str(archive), "--user", USER, "--overwrite"]) == 0
     assert main(["adapter", "import", "--data", str(other), str(archive), "--user", "bob"]) == 2
     assert _said("not 'bob'", capsys)
 
@@ -132,7 +135,10 @@ def test_import_verifies_the_archive_and_refuses_to_overwrite(node, tmp_path, ca
             if member.name.endswith(".safetensors"):
                 content = content[:-4] + b"\0\0\0\0"
             target.addfile(member, io.BytesIO(content) if content is not None else None)
-    assert main(["adapter", "import", "--state-dir", str(tmp_path / "third"), str(tampered)]) == 2
+    assert (
+        main(["adapter", "import", "--state-dir", str(tmp_path / "third"), str(tampered), "--user", USER])
+        == 2
+    )
     assert _said("fails its checksum", capsys)
     assert not (tmp_path / "third" / "manifest.json").exists()
 
@@ -151,3 +157,96 @@ def test_delete_removes_every_trace_of_the_user(node, capsys):
     assert list((store.root / PROFILES).iterdir()) == []
     assert main(["adapter", "delete", "--data", str(data), "--user", USER]) == 0
     assert _said("nothing of user", capsys)
+
+
+def test_no_user_id_can_name_another_users_directory(node):
+    _, store, resident, states = node
+    impostor = user_dir_name("bob")  # a user whose id is bob's directory name
+    store.save(
+        "oppu",
+        impostor,
+        states["local"],
+        resident.spec.peft_config(),
+        shared_digest="x",
+        data_fingerprint="y",
+    )
+    assert store.record("oppu", impostor).path != store.record("oppu", "bob").path
+    store.delete(impostor)
+    _, bob = store.load("oppu", "bob")
+    assert all(torch.equal(bob[k], states["oppu"][k]) for k in bob)
+
+
+def test_a_store_with_the_old_names_is_migrated_when_first_changed(node, tmp_path):
+    _, _, resident, states = node
+    root = tmp_path / "old-node"
+    old = PersonalAdapterStore(root)
+    adapters = {}
+    # Version 1 named a directory after a safe id itself, e.g. a user called like another's new name.
+    for user, state in (
+        ("carol", states["oppu"]),
+        (user_dir_name("dave"), states["local"]),
+        ("dave", states["oppu"]),
+    ):
+        path = root / "adapters" / "oppu" / (user if user != "dave" else "user-0123456789abcdef")
+        digest = write_adapter(path, state, resident.spec.peft_config())
+        adapters[f"oppu/{user}"] = {
+            "user_id": user,
+            "variant": "oppu",
+            "path": str(path.relative_to(root)),
+            "sha256": digest,
+            "shared_digest": "s",
+            "data_fingerprint": "d",
+            "created": 1.0,
+        }
+    (root / "adapters" / "oppu" / ".carol.abcd_123.tmp").mkdir()  # a crash leftover of the old name
+    atomic_write_json(root / "manifest.json", {"version": 1, "adapters": adapters})
+    assert old.load("oppu", "carol") is not None  # still readable as it is
+    old.delete("nobody")  # the first change migrates
+    names = sorted(p.name for p in (root / "adapters" / "oppu").iterdir())
+    assert names == sorted(user_dir_name(u) for u in ("carol", "dave", user_dir_name("dave")))
+    for user, state in (
+        ("carol", states["oppu"]),
+        (user_dir_name("dave"), states["local"]),
+        ("dave", states["oppu"]),
+    ):
+        _, loaded = old.load("oppu", user)
+        assert all(torch.equal(loaded[k], state[k]) for k in state), user
+    assert json.loads((root / "manifest.json").read_text())["version"] == store_module.MANIFEST_VERSION
+
+
+def _archive_with(path, members):
+    with tarfile.open(path, "w:gz") as tar:
+        for info, content in members:
+            tar.addfile(info, io.BytesIO(content) if content is not None else None)
+    return path
+
+
+def test_import_checks_size_members_and_the_user_of_every_entry(node, tmp_path, monkeypatch):
+    _, store, _, _ = node
+    archive = tmp_path / "alice.tar.gz"
+    store.export_user(USER, archive)
+    target = PersonalAdapterStore(tmp_path / "target")
+    link = tarfile.TarInfo(f"{user_dir_name(USER)}/oppu/adapter_model.safetensors")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with pytest.raises(DataError, match="links or special files"):
+        target.import_archive(_archive_with(tmp_path / "link.tar.gz", [(link, None)]), user_id=USER)
+    monkeypatch.setattr(store_module, "MAX_UNPACKED_BYTES", 1000)
+    with pytest.raises(DataError, match="unpacks to more than 1000 bytes"):
+        target.import_archive(archive, user_id=USER)
+    monkeypatch.setattr(store_module, "MAX_ARCHIVE_BYTES", 100)
+    with pytest.raises(DataError, match="larger than 100 bytes"):
+        target.import_archive(archive, user_id=USER)
+    monkeypatch.undo()
+    with tarfile.open(archive) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    forged = []
+    for info, content in members:
+        if info.name.endswith("manifest.json"):
+            manifest = json.loads(content)
+            manifest["adapters"]["oppu"]["user_id"] = "bob"  # an entry of another user under alice's name
+            content = json.dumps(manifest).encode()
+            info.size = len(content)
+        forged.append((info, content))
+    with pytest.raises(DataError, match="entries of a user other than"):
+        target.import_archive(_archive_with(tmp_path / "forged.tar.gz", forged), user_id=USER)
+    assert not target.manifest_path.exists()

@@ -2,7 +2,10 @@
 
 The federation test starts a SuperLink and two SuperNodes through `fedoppu` with TLS and SuperNode
 authentication, runs 2 rounds and personalization with the tiny model, restarts the nodes, runs
-again and checks what each node kept on its own disk; a node with an unregistered key is refused.
+again and checks what each node kept on its own disk and what reached the server (pseudonyms only);
+a node with an unregistered key, a node that trusts another CA and an `--insecure` node are refused.
+Every ClientApp is launched by the nodes' own SuperExec, which runs only the app package their
+checkout builds.
 Every process is started in its own session and stopped by pid (and its process group), also when
 a test fails; a marker in their environment proves that nothing they started is left running.
 """
@@ -29,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from client.commands import supernode_command
 from client.store import STATE_DIR
+from client.superexec import app_hash, trusting
 from common.flower_processes import DeployError
 from common.io import file_sha256, read_json
 from common.profiles import history_fingerprint
@@ -93,11 +97,29 @@ def test_supernode_gets_its_data_directory_and_needs_tls_and_a_key(tmp_path):
     certs = CertDir(tmp_path / "certs")
     data = tmp_path / "my data"
     data.mkdir()
-    base = dict(superlink="server:9092", port=9095, state_dir=None, insecure=False, data=str(data))
+    base = dict(superlink="server:9092", port=9095, state_dir=None, insecure=False, data=str(data), task=None)
+    base["policy"] = None
     command = supernode_command(
         _args(**base, root_certificates=str(certs.ca_cert), key=str(certs.node_key("n1")))
     )
     assert command[command.index("--node-config") + 1] == f'data-path="{data}"'
+    assert command[command.index("--isolation") + 1] == "process"  # ClientApps come from our SuperExec
+    policy = tmp_path / "policy.toml"
+    policy.write_text("max-epsilon = 8.0\n")
+    with_policy = supernode_command(
+        _args(
+            **{**base, "policy": str(policy), "task": "rating", "insecure": True},
+            root_certificates=None,
+            key=None,
+        )
+    )
+    assert with_policy[with_policy.index("--node-config") + 1] == (
+        f'data-path="{data}" policy-path="{policy}" task="rating"'
+    )
+    with pytest.raises(DeployError, match="--policy"):
+        supernode_command(
+            _args(**{**base, "policy": str(tmp_path / "none.toml")}, root_certificates=None, key=None)
+        )
     assert command[command.index("--auth-supernode-private-key") + 1] == str(certs.node_key("n1"))
     with pytest.raises(DeployError, match="required unless --insecure"):
         supernode_command(_args(**base, root_certificates=str(certs.ca_cert), key=None))
@@ -106,6 +128,48 @@ def test_supernode_gets_its_data_directory_and_needs_tls_and_a_key(tmp_path):
     )
     with pytest.raises(DeployError, match=r"--data .*not found"):
         supernode_command(_args(**{**base, "data": str(tmp_path / "nope")}, root_certificates=None, key=None))
+
+
+def test_the_node_launches_only_the_app_packages_it_trusts():
+    from flwr.proto.task_pb2 import Task
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import LaunchResult
+
+    launched = []
+
+    class Executor:
+        def launch(self, spec):
+            launched.append(spec.fab_hash)
+            return LaunchResult.accepted()
+
+    plugin = trusting(["a" * 64])(
+        runtime_api_address="127.0.0.1:1", insecure=True, root_certificates_path=None, executor=Executor()
+    )
+    untrusted = plugin.launch_task("token", Task(task_id=1, type=TaskType.CLIENT_APP, fab_hash="b" * 64))
+    assert untrusted.status == "failed" and launched == []
+    plugin.launch_task("token", Task(task_id=2, type=TaskType.CLIENT_APP, fab_hash="a" * 64))
+    assert launched == ["a" * 64]
+
+
+def test_the_trusted_hash_is_the_code_the_checkout_ships(tmp_path):
+    """`fedoppu run` ships (and a node trusts) only the apps' code: files beside it, results or docs,
+    leave the hash alone; a changed line of code changes it."""
+    import shutil
+
+    from common.config import PROJECT_DIR
+
+    copy = tmp_path / "checkout"
+    for part in ("client", "common", "server"):
+        shutil.copytree(PROJECT_DIR / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_DIR / "pyproject.toml", copy)
+    assert app_hash(copy) == app_hash(PROJECT_DIR)
+    (copy / "results").mkdir()
+    (copy / "results" / "metrics.json").write_text("{}")
+    (copy / "NOTES.md").write_text("a node operator's notes")
+    assert app_hash(copy) == app_hash(PROJECT_DIR)
+    mods = copy / "client" / "mods.py"
+    mods.write_text(mods.read_text().replace("check_reply(msg, reply, self.rules(msg, context))", "pass"))
+    assert app_hash(copy) != app_hash(PROJECT_DIR)
 
 
 def test_run_rejects_an_unknown_key_before_submitting(capsys):
@@ -233,6 +297,7 @@ class Federation:
     run_args: list[str]
     nodes: list[subprocess.Popen] = dataclasses.field(default_factory=list)
     intruder: subprocess.Popen | None = None
+    untrusting: list[subprocess.Popen] = dataclasses.field(default_factory=list)
     first_run: int | None = None
 
     @property
@@ -254,12 +319,13 @@ class Federation:
             return []
         return [n["status"] for n in nodes]
 
-    def start_node(self, name: str, data: Path) -> subprocess.Popen:
+    def start_node(self, name: str, data: Path, *tls: str) -> subprocess.Popen:
+        """A node with TLS flags `tls`; by default the federation's CA and the node's own key."""
+        tls = tls or ("--root-certificates", str(self.certs.ca_cert), "--key", str(self.certs.node_key(name)))
         return self.procs.start(
             name,
             *("node", "start", "--data", str(data), "--superlink", f"127.0.0.1:{self.port}"),
-            *("--root-certificates", str(self.certs.ca_cert), "--key", str(self.certs.node_key(name))),
-            *("--port", str(_free_port())),
+            *(*tls, "--port", str(_free_port())),
         )
 
     def start_nodes(self) -> None:
@@ -282,7 +348,9 @@ def federation(tmp_path_factory, tiny_model_dir):
     }
     procs = Processes(root, env)
     certs = CertDir(root / "certs")
-    ensure_certs(certs.root, [], ["node-1", "node-2", "intruder"])
+    ensure_certs(certs.root, [], ["node-1", "node-2", "intruder", "wrong-ca"])
+    other_ca = CertDir(root / "other-certs")  # a CA the SuperLink's certificate does not come from
+    ensure_certs(other_ca.root, [], [])
     bench = make_benchmark(BenchmarkConfig(num_users=4, min_history=8, max_history=12, queries_per_user=2))
     users = [bench.users[i * USERS_PER_NODE : (i + 1) * USERS_PER_NODE] for i in range(2)]
     data = [root / f"node-{i + 1}-data" for i in range(2)]
@@ -313,12 +381,18 @@ def federation(tmp_path_factory, tiny_model_dir):
             *("--database", str(root / "superlink.db"), "--connection", CONNECTION),
         )
         _wait_for(lambda: _listening(port), 60, "the SuperLink", superlink)
-        keys = [str(certs.node_public_key(f"node-{i}")) for i in (1, 2)]
+        # wrong-ca's key is registered: TLS alone must keep it out.
+        keys = [str(certs.node_public_key(name)) for name in ("node-1", "node-2", "wrong-ca")]
         assert procs.run("register", "certs", "register", "--connection", CONNECTION, *keys, timeout=60) == 0
         fed = Federation(root, procs, certs, port, data, users, run_args)
         fed.start_nodes()
         fed.intruder = fed.start_node("intruder", data[0])
-        _wait_for(lambda: fed.online().count("online") == 2, 120, "both nodes online", *fed.nodes, every=2)
+        wrong_ca = ("--root-certificates", str(other_ca.ca_cert), "--key", str(certs.node_key("wrong-ca")))
+        fed.untrusting = [
+            fed.start_node("wrong-ca", data[0], *wrong_ca),
+            fed.start_node("insecure", data[0], "--insecure"),
+        ]
+        _wait_for(lambda: fed.online().count("online") == 2, 180, "both nodes online", *fed.nodes, every=2)
         fed.first_run = procs.run("run-1", *run_args, timeout=420)
         yield fed
     finally:
@@ -336,7 +410,23 @@ def test_a_node_with_an_unregistered_key_is_refused(federation):
     federation.intruder.wait(60)
     assert federation.intruder.returncode != 0
     assert "Failed to activate SuperNode" in federation.procs.log("intruder")
-    assert len(federation.online()) == 2  # only the registered nodes are known to the SuperLink
+    assert federation.online().count("online") == 2  # the registered TLS nodes never got in
+
+
+def test_nodes_without_the_federations_tls_never_connect(federation):
+    """A registered key is not enough: a node that does not trust the server's CA (it could be talking
+    to anyone) stops at the handshake; a node without TLS (its traffic could be read) never gets a
+    message across the whole run."""
+    assert federation.first_run == 0
+    wrong_ca, insecure = federation.untrusting
+    assert wrong_ca.wait(60) != 0  # Flower says "Exit Code: 305" and exits
+    log = federation.procs.log("wrong-ca")
+    assert "CERTIFICATE_VERIFY_FAILED" in log and "SuperNode ID" not in log
+    assert insecure.poll() is None or insecure.returncode != 0
+    log = federation.procs.log("insecure")  # plaintext against TLS: it retries, and never gets an id
+    assert "Starting insecure channel" in log and "Connection attempt failed" in log
+    assert "SuperNode ID" not in log and "Receiving:" not in log
+    assert "SuperNode ID" in federation.procs.log("node-1")  # what getting in looks like
 
 
 def test_run_keeps_each_users_personal_adapter_on_their_node(federation):
@@ -346,7 +436,13 @@ def test_run_keeps_each_users_personal_adapter_on_their_node(federation):
     metrics = read_json(federation.run_dir / "metrics.json")
     all_users = {u.user_id for node in federation.users for u in node}
     assert metrics["status"] == "complete"
-    assert set(metrics["methods"]["oppu"]["users"]) == all_users
+    # Users reach the server under pseudonyms only, without their history sizes (the default policy).
+    scored = set(metrics["methods"]["oppu"]["users"])
+    assert len(scored) == len(all_users) and all(uid.startswith("p-") for uid in scored)
+    assert scored == set(metrics["methods"]["shared"]["users"])  # one name per user across the run
+    assert metrics["history"] == {}
+    results = (federation.run_dir / "metrics.json").read_text()
+    assert not any(user in results for user in all_users)
     assert metrics["personalize"]["oppu"]["users-trained"] == len(all_users)
     assert [r["round"] for r in metrics["rounds"] if "train" in r] == [1, 2]
     assert all(r["train"]["clients"] == 2 for r in metrics["rounds"] if "train" in r)

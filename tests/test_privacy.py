@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod.utils import make_ffn
 from flwr.common import Code, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
+from flwr.server.strategy import FedAvg as LegacyFedAvg
 
-from client.mods import legacy_train_mod, privacy_layer_mod, train_privacy_mods
+from client.mods import NodeClippingMod, legacy_train_mod, privacy_layer_mod, train_privacy_mods
+from common import protocol
 from common.config import ConfigError, load_run_config
 from common.protocol import LEGACY_KEYS
-from server.privacy import PrivacyLayer
+from server.privacy import PrivacyLayer, RoundRefused
 from server.strategy import build_strategy
 from simulations.privacy_commands import GridPoint, parse_grid
 from simulations.privacy_report import research_answer
@@ -105,8 +108,7 @@ def test_aggregate_noise_has_the_configured_std_and_updates_are_clipped(setting)
 
 
 def test_local_dp_clips_then_adds_noise_of_z_times_c_on_the_client():
-    config = _config("local-dp", z=0.5, clip=0.3)
-    (mod,) = train_privacy_mods(config.to_flower())
+    (mod,) = train_privacy_mods("local-dp", 0.5, 0.3)
     received = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
     update = _updates()[0]  # norm 2.0, clipped to 0.3
     msg = Message(
@@ -153,9 +155,126 @@ def test_epsilon_matches_an_independent_rdp_computation(setting, z):
         assert layer.epsilon_after(rounds) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
 
 
+def _closed_form_epsilon(z: float, rounds: int, delta: float) -> float:
+    """The Gaussian mechanism's RDP in closed form, rounds * a / (2 z^2), converted to (epsilon, delta)
+    with the bound of Canonne, Kamath and Steinke (2020, Prop. 12) at the orders dp-accounting tries."""
+    orders = [1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
+    return min(
+        rounds * a / (2 * z**2) + math.log1p(-1 / a) - math.log(delta * a) / (a - 1)
+        for a in orders
+        if a > 1.01
+    )
+
+
+@pytest.mark.parametrize("z", [0.5, 1.0, 3.0])
+def test_epsilon_is_the_closed_form_gaussian_rdp_bound(z):
+    layer = PrivacyLayer(_config("central-dp", z=z), num_clients=8)
+    for rounds in (1, 4, 20):
+        closed = _closed_form_epsilon(z, rounds, 1e-5)
+        assert layer.epsilon_after(rounds) == pytest.approx(closed, rel=1e-9)
+        # and below Mironov's classic conversion at its best order
+        assert closed <= rounds / (2 * z**2) + math.sqrt(2 * rounds * math.log(1e5)) / z
+
+
 def test_epsilon_agrees_with_the_figures_measured_in_the_notes():
     layer = PrivacyLayer(_config("central-dp", z=1.0), num_clients=4)
     assert [round(layer.epsilon_after(r), 2) for r in (1, 2, 3)] == [4.73, 7.08, 9.01]
+
+
+def test_secagg_rounding_is_within_its_bound_and_accounted():
+    """With every client at weight 1 (max_weight = 1) SecAgg+ rounds each weight by under one step of
+    2 * 8 / 2^22; secagg+dp's epsilon treats that bound as part of the sensitivity."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    rng = np.random.default_rng(0)
+    params = [rng.normal(0, 0.05, size=s).astype(np.float32) for s in SHAPES.values()]
+    rounded = dequantize(
+        quantize(params, protocol.SECAGG_CLIPPING_RANGE, protocol.SECAGG_QUANTIZATION_RANGE),
+        protocol.SECAGG_CLIPPING_RANGE,
+        protocol.SECAGG_QUANTIZATION_RANGE,
+    )
+    error = _norm([r - p for r, p in zip(rounded, params, strict=True)])
+    weights = sum(p.size for p in params)
+    assert 0 < error <= protocol.secagg_quantization_bound(weights)
+    layer = PrivacyLayer(_config("secagg+dp", z=1.0, clip=0.01), num_clients=4, num_weights=weights)
+    z_accounted = 1.0 * 0.01 / (0.01 + protocol.secagg_quantization_bound(weights))
+    assert layer.describe()["accounted_noise_multiplier"] == pytest.approx(z_accounted)
+    reference = RdpAccountant()
+    reference.compose(dp_event.GaussianDpEvent(z_accounted), 2)
+    assert layer.epsilon_after(2) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    assert layer.epsilon_after(2) > PrivacyLayer(_config("client-dp", z=1.0, clip=0.01), 4).epsilon_after(2)
+
+
+def _direction(seed: int = 3):
+    rng = np.random.default_rng(seed)
+    direction = [rng.normal(size=s) for s in SHAPES.values()]
+    return [d / _norm(direction) for d in direction]
+
+
+def _private_round(setting: str, updates, z: float = 1.0, clip: float = 0.5, lost: int = 0):
+    """One round through both halves of a setting: the node's own privacy mods (SecAgg+'s masking
+    aside: its sum is exact up to rounding) around each client's update, then the server's wrapper."""
+    layer = PrivacyLayer(_config(setting, z=z, clip=clip), CLIENTS)
+    strategy = layer.wrap(build_strategy(layer.config, CLIENTS))
+    current = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    messages = strategy.configure_train(
+        1, ArrayRecord({k: Array(v) for k, v in current.items()}), ConfigRecord(), _Grid()
+    )
+    mods = [m for m in train_privacy_mods(setting, z, clip) if isinstance(m, NodeClippingMod)]
+    replies = []
+    for msg, update in zip(messages, updates, strict=True):
+
+        def handler(message, _context, update=update):
+            arrays = ArrayRecord(
+                {k: Array((current[k] + u).astype(np.float32)) for k, u in zip(SHAPES, update, strict=True)}
+            )
+            return Message(
+                RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=message
+            )
+
+        replies.append(make_ffn(handler, mods)(msg, None))
+    aggregated, _ = strategy.aggregate_train(1, replies[lost:])
+    return layer, aggregated.to_numpy_ndarrays()
+
+
+@pytest.mark.parametrize("setting", ["central-dp", "client-dp", "adaptive-dp", "local-dp", "secagg+dp"])
+def test_one_huge_update_moves_the_release_by_at_most_c_over_n(setting):
+    """Project the released aggregate on the direction of one client's update 2000 C long: clipped, it
+    moves the mean by C/n plus the noise; without clipping (anywhere on its path) by 500 C."""
+    direction, clip = _direction(), 0.5
+    small = [[1e-3 * d for d in _direction(seed)] for seed in range(CLIENTS - 1)]  # the others barely move
+    layer, released = _private_round(setting, [[2000 * clip * d for d in direction], *small], clip=clip)
+    moved = sum(float(np.sum(r * d)) for r, d in zip(released, direction, strict=True))
+    z = layer.adaptive.update_multiplier if setting == "adaptive-dp" else 1.0
+    noise = z * clip / math.sqrt(CLIENTS) if setting == "local-dp" else z * clip / CLIENTS
+    if setting == "secagg+dp":
+        noise = 0.0  # the server's noise is the legacy wrapper's (a simulated run checks it)
+    assert abs(moved - clip / CLIENTS) <= 6 * noise + 1e-3
+
+
+def test_a_private_round_needs_every_sampled_reply_with_weight_one():
+    direction = _direction()
+    for setting in ("central-dp", "adaptive-dp", "local-dp"):  # one node's reply lost: fewer, weaker noise
+        with pytest.raises(RoundRefused, match="exactly 4 replies of weight 1; got 3 replies"):
+            _private_round(setting, [[1e-3 * d for d in direction]] * CLIENTS, lost=1)
+    strategy = PrivacyLayer(_config("local-dp"), CLIENTS).wrap(build_strategy(_config("local-dp"), CLIENTS))
+    heavy = [
+        Message(
+            RecordDict({"metrics": MetricRecord({"num-examples": w})}), dst_node_id=1, message_type="train"
+        )
+        for w in (1, 1, 1, 9)
+    ]
+    with pytest.raises(RoundRefused, match=r"weights \[1, 9\]"):
+        strategy.aggregate_train(1, heavy)
+    legacy = PrivacyLayer(_config("secagg"), CLIENTS).wrap_legacy(LegacyFedAvg())
+    with pytest.raises(RoundRefused, match="1 error"):
+        legacy.aggregate_fit(1, [], [RuntimeError("node 5 dropped")])
+    # Without a privacy setting a round may lose nodes, but a round no node trained in is refused,
+    # naming the nodes' codes (here: what a node's policy answers a run it does not accept).
+    plain = PrivacyLayer(_config("none"), CLIENTS).wrap(build_strategy(_config("none"), CLIENTS))
+    refused = Message(Error(3101, protocol.NodeError.REFUSED_BY_POLICY.text), reply_to=heavy[0])
+    with pytest.raises(RoundRefused, match=r"needs a reply; got 0 replies .* refused by policy"):
+        plain.aggregate_train(1, [refused])
 
 
 def test_the_budget_stops_before_the_round_that_would_exceed_it():

@@ -74,6 +74,11 @@ def test_recorded_epsilon_matches_an_independent_accountant(comparison):
                 dp_event.GaussianDpEvent(info["update_noise_multiplier"]),
                 dp_event.GaussianDpEvent(info["count_noise_stddev"]),
             ]
+        elif label.startswith("secagg+dp"):  # z * C / (C + SecAgg+'s rounding bound)
+            clip, bound = OVERRIDES["clipping-norm"], info["quantization_l2_bound"]
+            assert 0 < bound < 0.01 * clip  # with max_weight = 1 (at 1000 it would exceed C)
+            assert info["accounted_noise_multiplier"] == pytest.approx(z * clip / (clip + bound))
+            events = [dp_event.GaussianDpEvent(info["accounted_noise_multiplier"])]
         else:
             events = [dp_event.GaussianDpEvent(z)]
         trained = [r for r in metrics["rounds"] if r["round"] > 0]
