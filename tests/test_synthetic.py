@@ -57,7 +57,7 @@ def test_personal_ratings_beat_the_population_only_when_personal():
 
 
 def test_personal_title_styles_move_away_from_the_population():
-    config = BenchmarkConfig(task="title", num_users=20)
+    config = BenchmarkConfig(task="title", num_users=20, personal_strength=1.0)
     population = population_answers(config)
     queries = [q for user in make_benchmark(config).users for q in user.queries]
     overlap = compute_metrics(
