@@ -121,10 +121,18 @@ def personalize(msg: Message, context: Context) -> Message:
     shared_round = protocol.config_value(msg, protocol.SHARED_ROUND) if shared is not None else None
     store = PersonalAdapterStore(node.state_dir)
     losses, reused, started = [], 0, time.perf_counter()
+    records: dict[str, MetricRecord] = {}  # per user: trained (1) or reused (0), so the server knows who
     for ctx in node.contexts:
         stored = store.load(method.name, ctx.user.user_id)
         fingerprint = history_fingerprint(ctx.user.history)
-        if stored and (stored[0].shared_digest, stored[0].data_fingerprint) == (shared_digest, fingerprint):
+        current = stored is not None and (stored[0].shared_digest, stored[0].data_fingerprint) == (
+            shared_digest,
+            fingerprint,
+        )
+        records[protocol.user_record(ctx.user.user_id)] = MetricRecord(
+            {protocol.USER_TRAINED: int(not current)}
+        )
+        if current:
             reused += 1
             continue
         state, loss = personal_adapter(config, resident, ctx, method, stored[1] if stored else None)
@@ -146,7 +154,7 @@ def personalize(msg: Message, context: Context) -> Message:
     }
     if losses:
         metrics["personal-loss"] = sum(losses) / len(losses)
-    return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({protocol.METRICS: MetricRecord(metrics), **records}), reply_to=msg)
 
 
 def personal_adapter(

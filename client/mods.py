@@ -10,6 +10,8 @@ shared adapter (SecAgg+ replies carry Flower's protocol records: public keys, en
 the masked adapter, and the legacy FitRes metrics and status).
 `audit_mod` appends a description of each reply to $FEDOPPU_AUDIT_LOG/<pid>.jsonl when that variable
 is set, so people (and the tests) can check what a node actually sent.
+`UpdateCheckMod` (SecAgg+ only, where the server never sees one update) checks this node's own update
+before it is masked.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from common import protocol
+from common.updates import update_problem
 
 
 class PrivacyViolation(RuntimeError):
@@ -159,6 +162,32 @@ def legacy_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+class InvalidUpdate(RuntimeError):
+    """This node's own update failed its check; it is not sent."""
+
+
+class UpdateCheckMod:
+    """Under SecAgg+ the server sees only the masked sum, so no server can check one update: each client
+    checks its own before masking it (the keys and shapes that arrived, finite values, an L2 norm within
+    `max-update-norm`). A bad update is never sent: the node drops out of the round and SecAgg+ sums the
+    others. This guards the sum against the node's own faults (a diverged training, a corrupted
+    tensor), not against a hostile node, which runs code of its own choosing (docs/privacy.md).
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm or None
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        sent = {k: a.numpy() for k, a in msg.content[protocol.ARRAYS].items()}
+        update = {k: a.numpy() for k, a in reply.content[protocol.ARRAYS].items()}
+        if (problem := update_problem(sent, update, dtype=None, max_norm=self.max_norm)) is not None:
+            raise InvalidUpdate(f"this node's update is not sent: {problem}")
+        return reply
+
+
 def train_privacy_mods(run_config: dict) -> list[Mod]:
     """The client half of each privacy setting (the server half is server/privacy.py)."""
     setting = str(run_config.get("privacy", "none"))
@@ -166,10 +195,11 @@ def train_privacy_mods(run_config: dict) -> list[Mod]:
         return [fixedclipping_mod]  # the server's wrapper sends the clipping norm
     if setting == "local-dp":
         return [LocalGaussianMod(float(run_config["clipping-norm"]), float(run_config["noise-multiplier"]))]
+    check = UpdateCheckMod(float(run_config.get("max-update-norm", 0.0)))
     if setting == "secagg":
-        return [secaggplus_mod, legacy_train_mod]
+        return [secaggplus_mod, legacy_train_mod, check]
     if setting == "secagg+dp":
-        return [secaggplus_mod, legacy_train_mod, fixedclipping_mod]
+        return [secaggplus_mod, legacy_train_mod, check, fixedclipping_mod]
     return []  # none, central-dp and adaptive-dp act on the server only
 
 

@@ -1,14 +1,17 @@
 """Personal adapters on the client's own disk: one directory per (variant, user), peft's format.
 
-Each adapter is written atomically (temporary directory + rename) and recorded in a manifest with its
-checksum, the version and digest of the shared adapter it was trained on and a fingerprint of the
-user's history, so a later run can reuse it, continue from it, or detect that it is corrupt and
-retrain it. The adapters belong to their users: they can be exported as a portable archive, imported
+Each adapter is recorded in a manifest with its checksum, the version and digest of the shared adapter
+it was trained on and a fingerprint of the user's history, so a later run can reuse it, continue from
+it, or detect that it is corrupt and retrain it. A new adapter never overwrites the one it replaces: it
+is written to a new version directory, then the manifest (renamed into place) switches to it, then the
+old version is removed. A crash at any point leaves the manifest naming a complete adapter, the old
+one or the new one. The adapters belong to their users: they can be exported as a portable archive, imported
 on another node, and deleted without a trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -18,6 +21,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -130,8 +134,8 @@ class PersonalAdapterStore:
         shared_version: int | None = None,
     ) -> AdapterRecord:
         """Write the adapter so that `PeftModel.from_pretrained(model, path)` loads it as is."""
-        target = self.root / "adapters" / variant / _safe_name(user_id)
         with self._locked():
+            target = self._new_version(variant, user_id)
             digest = write_adapter(target, state, peft_config)
             record = AdapterRecord(
                 user_id,
@@ -146,7 +150,26 @@ class PersonalAdapterStore:
             adapters = self._manifest()
             adapters[self._key(variant, user_id)] = asdict(record)
             self._write_manifest(adapters)
+            self._prune(variant, user_id, keep=target)
         return record
+
+    def _user_dir(self, variant: str, user_id: str) -> Path:
+        return self.root / "adapters" / variant / _safe_name(user_id)
+
+    def _new_version(self, variant: str, user_id: str) -> Path:
+        return self._user_dir(variant, user_id) / f"version-{uuid.uuid4().hex[:12]}"
+
+    def _prune(self, variant: str, user_id: str, keep: Path) -> None:
+        """Remove every version but the recorded one: the one it replaced and any a crash left. What
+        cannot be removed now (the adapter is saved either way) goes in a later save or delete."""
+        for path in self._user_dir(variant, user_id).iterdir():
+            if path == keep:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def load(self, variant: str, user_id: str) -> tuple[AdapterRecord, dict[str, torch.Tensor]] | None:
         """The stored adapter, or None when there is none or it fails its checksum (then it is dropped)."""
@@ -177,7 +200,8 @@ class PersonalAdapterStore:
         return len(doomed)
 
     def _user_dirs(self, user_id: str, variants: list[str] | None) -> Iterator[Path]:
-        """The user's adapter directories, including temporary and replaced ones from atomic writes."""
+        """The user's adapter directories (every version inside), and the temporary or replaced ones that
+        interrupted writes of the earlier one-directory layout left beside them."""
         name = _safe_name(user_id)
         leftover = re.compile(rf"\.{re.escape(name)}\.([a-z0-9_]{{8}}\.tmp|old-\d+)")
         base = self.root / "adapters"
@@ -256,12 +280,14 @@ class PersonalAdapterStore:
                     )
                 imported = []
                 for record in records:
-                    target = self.root / "adapters" / record.variant / _safe_name(owner)
+                    target = self._new_version(record.variant, owner)
                     with atomic_directory(target) as staging:
                         shutil.copytree(tops[0] / record.path, staging, dirs_exist_ok=True)
                     imported.append(replace(record, user_id=owner, path=str(target.relative_to(self.root))))
                     adapters[self._key(record.variant, owner)] = asdict(imported[-1])
                 self._write_manifest(adapters)
+                for record in imported:
+                    self._prune(record.variant, owner, keep=self.root / record.path)
         return imported
 
 

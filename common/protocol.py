@@ -3,11 +3,14 @@
 | message | server -> client | client -> server |
 |---|---|---|
 | `train` (one round of the shared adapter; Flower's strategies send it) | `arrays`: the shared adapter; `config`: `server-round`, `round-offset`, FedProx's `proximal-mu` | `arrays`: the trained shared adapter, same keys and shapes; `metrics`: `TRAIN_METRICS` |
-| `train.personalize` (train each user's personal adapter for one method) | `config`: `method`, `shared-round`; `arrays` when the method builds on the shared adapter | `metrics`: `PERSONALIZE_METRICS` |
+| `train.personalize` (train each user's personal adapter for one method) | `config`: `method`, `shared-round`; `arrays` when the method builds on the shared adapter | `metrics`: `PERSONALIZE_METRICS`; `user:<id>`: `trained` (1) or reused (0) |
 | `evaluate` (answer every user's queries with one method) | `config`: `method`; `arrays` when the method uses the shared adapter | `metrics`: the node's metric counts; `user:<id>`: one user's counts and history size |
 
 SecAgg+ runs `train` through Flower's legacy fit messages instead; their config carries the shared
 adapter's key order (`arrays-keys`), since legacy parameters have no names.
+
+A train reply's tensors come back in the run's `wire-dtype`, except under client-dp and local-dp,
+whose client mods re-emit them in float32 (`train_reply_dtype`); the server refuses any other dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_METRICS = ("num-examples", "train-loss", "train-steps", "train-tokens", "train-seconds", "bytes-sent")
 PERSONALIZE_METRICS = ("num-users", "users-trained", "users-reused", "personal-seconds", "personal-loss")
 HISTORY_SIZE = "history"  # in a user record: the user's number of history items
+USER_TRAINED = "trained"  # in a personalize reply's user record: 1 trained, 0 reused
+
+# numpy dtype of the shared adapter's tensors on the wire, per `wire-dtype`.
+WIRE_NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16"}
+FLOAT32_REPLY_PRIVACY = ("client-dp", "local-dp")  # their client mods rebuild the arrays in float32
+
+
+def train_reply_dtype(wire_dtype: str, privacy: str) -> str:
+    """The dtype every tensor of a train reply has, under this wire dtype and privacy setting."""
+    return "float32" if privacy in FLOAT32_REPLY_PRIVACY else WIRE_NUMPY_DTYPES[wire_dtype]
 
 
 def user_record(user_id: str) -> str:

@@ -38,8 +38,12 @@ def run_secagg(
     round_offset: int,
     after_round: Callable[[int, StateDict], None],
     aggregate_train: Callable[[list[RecordDict], str], MetricRecord],
+    timeout: float | None = None,
 ) -> None:
-    """Run `num_rounds` SecAgg+ rounds from `initial`, calling `after_round` at round 0 and after each."""
+    """Run `num_rounds` SecAgg+ rounds from `initial`, calling `after_round` at round 0 and after each.
+
+    `timeout` bounds each of SecAgg+'s four stages; a node that misses one drops out of the round, and
+    SecAgg+ recovers the sum of the others while enough of the masking secrets' shares arrive."""
     keys = list(initial)
 
     def evaluate_fn(server_round: int, arrays: NDArrays, _: dict[str, Scalar]) -> None:
@@ -73,5 +77,7 @@ def run_secagg(
         config=ServerConfig(num_rounds=num_rounds),
         strategy=privacy.wrap_legacy(strategy),
     )
-    workflow = SecAggPlusWorkflow(num_shares=NUM_SHARES, reconstruction_threshold=RECONSTRUCTION_THRESHOLD)
+    workflow = SecAggPlusWorkflow(
+        num_shares=NUM_SHARES, reconstruction_threshold=RECONSTRUCTION_THRESHOLD, timeout=timeout
+    )
     DefaultWorkflow(fit_workflow=workflow)(grid, context)

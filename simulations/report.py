@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.io import atomic_write_bytes, atomic_write_text, read_json
@@ -47,7 +48,8 @@ def summary_rows(metrics: dict) -> list[dict]:
         entry = metrics["methods"][method]
         row = {"method": method, **{n: entry["overall"].get(n) for n in names}}
         row.update(
-            users=len(entry["users"]),
+            users=len(entry["users"]),  # the users it was scored on
+            missing=len(entry.get("missing", {}).get("users", [])),  # users it could not reach
             queries=int(entry["overall"].get("n", 0)),
             seconds=round(entry["seconds"]),
         )
@@ -142,6 +144,21 @@ def plot_user_gain(metrics: dict, path: Path) -> bool:
     return True
 
 
+def failure_lines(metrics: dict) -> list[str]:
+    """What the run could not do: why training stopped, and which users each method missed."""
+    lines = []
+    if reason := metrics.get("stop_reason"):
+        lines.append(f"training stopped early at {reason}; resume the run to continue from its last checkpoint")
+    phases = [("scoring", metrics["methods"]), ("personalizing", metrics.get("personalize", {}))]
+    for phase, entries in phases:
+        for method, entry in entries.items():
+            missing = entry.get("missing", {})
+            if missing.get("users") or missing.get("nodes"):
+                reasons = "; ".join(f"node {n['node']}: {n['reason']}" for n in missing["nodes"])
+                lines.append(f"{phase} {method} missed users {missing['users']} ({reasons})")
+    return lines
+
+
 def write_report(run_dir: str | Path, console: Console | None = None) -> list[dict]:
     run_dir = Path(run_dir)
     metrics = read_json(run_dir / "metrics.json")
@@ -158,6 +175,8 @@ def write_report(run_dir: str | Path, console: Console | None = None) -> list[di
         plot_rounds(metrics, run_dir / "rounds.png")
     if console is not None:
         console.print(summary_table(metrics, rows))
+        for line in failure_lines(metrics):
+            console.print(f"[yellow]{escape(line)}[/]")
     return rows
 
 
