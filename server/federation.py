@@ -167,12 +167,12 @@ class Federation:
         """The users a phase could not reach (every user the run knows that did not answer), by name,
         and the dropped nodes with their reasons and users (None when no reply has named them yet)."""
         known = set(self.recorder.data["history"]).union(*self.node_users.values())
-        return Missing(sorted(known - answered), self.named(dropped.items()))
+        nodes = [{"node": node, "reason": reason} for node, reason in sorted(dropped.items())]
+        return Missing(sorted(known - answered), self.named(nodes))
 
-    def named(self, dropped: Iterable[tuple[int, str]]) -> list[dict]:
-        return [
-            {"node": node, "users": self.node_users.get(node), "reason": reason} for node, reason in dropped
-        ]
+    def named(self, dropped: list[dict]) -> list[dict]:
+        """Drop records with the node's users (None until a reply of the run names them)."""
+        return [{"node": d["node"], "users": self.node_users.get(d["node"]), **d} for d in dropped]
 
     def evaluate(self, method: str, shared: StateDict | None, label: str | None = None) -> Evaluation:
         label = label or f"evaluating {method}"
@@ -281,7 +281,7 @@ class Federation:
         failed = self.shared_round + 1
         dropped = stage.grid.take_round().dropped
         self.failure = f"round {failed}: {reason}"
-        self.recorder.record_stop(failed, reason, self.named((d["node"], d["reason"]) for d in dropped))
+        self.recorder.record_stop(failed, reason, self.named(dropped))
         console.print(
             f"[yellow]training stopped early at round {failed}[/]: {reason}. Every checkpoint up to round "
             f"{self.shared_round} is kept; resume the run (--resume, or resume = true) to continue."
@@ -309,7 +309,7 @@ class Federation:
         train = None
         if traffic is not None:
             train = {**stage.train_metrics[-1], "sampled": traffic.sampled}
-        dropped = self.named((d["node"], d["reason"]) for d in traffic.dropped) if traffic else []
+        dropped = self.named(traffic.dropped) if traffic else []
         self.recorder.record_round(current, train, evaluation, round_privacy, dropped)
 
     def release(

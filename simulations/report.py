@@ -148,7 +148,9 @@ def failure_lines(metrics: dict) -> list[str]:
     """What the run could not do: why training stopped, and which users each method missed."""
     lines = []
     if reason := metrics.get("stop_reason"):
-        lines.append(f"training stopped early at {reason}; resume the run to continue from its last checkpoint")
+        lines.append(
+            f"training stopped early at {reason}; resume the run to continue from its last checkpoint"
+        )
     phases = [("scoring", metrics["methods"]), ("personalizing", metrics.get("personalize", {}))]
     for phase, entries in phases:
         for method, entry in entries.items():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.mods import PrivacyViolation, check_reply
+from client.mods import InvalidUpdate, PrivacyViolation, UpdateCheckMod, check_reply, train_privacy_mods
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -69,3 +69,24 @@ def test_other_replies_carry_metrics_only(message_type):
     check_reply(msg, _reply(msg, metrics=MetricRecord({"n": 4, "correct": 2})))
     with pytest.raises(PrivacyViolation, match="carries arrays"):
         check_reply(msg, _reply(msg, arrays=_good_arrays()))
+
+
+def _handler(arrays):
+    return lambda msg, context: _reply(msg, arrays=arrays, metrics=MetricRecord({"num-examples": 1}))
+
+
+def test_under_secagg_a_client_does_not_send_an_update_that_fails_its_own_check():
+    check = UpdateCheckMod(max_norm=5.0)
+    msg = _incoming()
+    assert check(msg, None, _handler(_good_arrays())).content["arrays"]  # update norm 4
+    nan = ArrayRecord(
+        {"a.lora_A.weight": torch.ones(2, 4), "a.lora_B.weight": torch.full((4, 2), float("nan"))}
+    )
+    with pytest.raises(InvalidUpdate, match=r"not sent: a.lora_B.weight: 8 non-finite value\(s\)"):
+        check(msg, None, _handler(nan))
+    scaled = ArrayRecord({k: torch.full(tuple(v.shape), 10.0) for k, v in _good_arrays().items()})
+    with pytest.raises(InvalidUpdate, match="update norm 40 exceeds the bound 5"):
+        check(msg, None, _handler(scaled))
+    for setting in ("secagg", "secagg+dp"):
+        mods = train_privacy_mods({"privacy": setting, "max-update-norm": 5.0})
+        assert [m.max_norm for m in mods if isinstance(m, UpdateCheckMod)] == [5.0]
