@@ -98,6 +98,7 @@ class SharedTraining:
     latest: StateDict
     train_metrics: list[dict[str, float]] = field(default_factory=list)
     aggregated: int | None = None  # clients in the round's aggregate; None until the strategy made one
+    round_started: float = field(default_factory=time.monotonic)
 
     def aggregate_train(self, records: list[RecordDict], weighting: str) -> MetricRecord:
         aggregated = aggregate_metricrecords(records, weighting)
@@ -138,7 +139,14 @@ class Federation:
         messages = protocol.requests(
             message_type, connected, method=method or "", shared=shared, config=extra
         )
-        pending, waiting = set(self.grid.push_messages(messages)), set(connected)
+        pushed = set(self.grid.push_messages(messages))
+        # A reply names the node that was asked through the request it answers: the SuperLink itself
+        # answers for a node it has found offline.
+        asked = {
+            m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in pushed
+        }
+        pending, waiting = set(asked), set(asked.values())
+        dropped |= {node: "could not be sent" for node in set(connected) - waiting}
         timeout = self.config.timeout(phase)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -148,7 +156,7 @@ class Federation:
             while pending and (deadline is None or time.monotonic() < deadline):
                 for reply in self.grid.pull_messages(list(pending)):
                     pending.discard(reply.metadata.reply_to_message_id)
-                    node = reply.metadata.src_node_id
+                    node = asked[reply.metadata.reply_to_message_id]
                     waiting.discard(node)
                     if reply.has_error():
                         dropped[node] = f"error: {reply.error.reason}"
@@ -291,7 +299,7 @@ class Federation:
         """After each round (and at round 0): check it was aggregated from enough clients, then
         account, checkpoint, evaluate and record it."""
         current = stage.start_round + server_round
-        traffic = None
+        traffic, train = None, None
         if server_round > 0:
             aggregated, stage.aggregated = stage.aggregated, None
             needed = stage.grid.policy.needed(stage.grid.sampled)
@@ -300,17 +308,17 @@ class Federation:
                     f"{aggregated or 0} of {stage.grid.sampled} sampled clients were aggregated, {needed} needed"
                 )
             traffic = stage.grid.take_round()
+            seconds = time.monotonic() - stage.round_started  # sending the round to its aggregate
+            train = {**stage.train_metrics[-1], "sampled": traffic.sampled, "seconds": seconds}
         stage.latest = weights
         self.shared_round = current
         if server_round == 0 and stage.start_round > 0:
             return  # that round was evaluated before the run was interrupted
         round_privacy = self.release(stage, current, weights, traffic) if traffic is not None else None
         evaluation = self.evaluate_round(current, stage.last_round, weights)
-        train = None
-        if traffic is not None:
-            train = {**stage.train_metrics[-1], "sampled": traffic.sampled}
-        dropped = self.named(traffic.dropped) if traffic else []
+        dropped = self.named(traffic.dropped) if traffic is not None else []
         self.recorder.record_round(current, train, evaluation, round_privacy, dropped)
+        stage.round_started = time.monotonic()
 
     def release(
         self, stage: SharedTraining, current: int, weights: StateDict, traffic: RoundTraffic

@@ -163,26 +163,32 @@ class RoundGrid:
         if messages and _is_update_request(messages[0]):
             replies = self._train(messages, timeout)
         else:  # SecAgg+'s stages: its workflow handles dropouts itself, errors included
-            replies = self._exchange(messages, timeout, attempt=1)
+            replies = [reply for _, reply in self._exchange(messages, timeout, attempt=1)]
         return sorted(replies, key=_arrays_digest)
 
     def _drop(self, node: int, reason: str, attempt: int) -> None:
         self._dropped.append({"node": node, "reason": reason, "attempt": attempt})
+        console.print(f"[yellow]training: node {node} dropped[/] (attempt {attempt}): {reason}")
 
-    def _exchange(self, messages: list[Message], timeout: float | None, attempt: int) -> list[Message]:
-        """Send, collect the replies until the timeout, and record who did not answer or failed."""
+    def _exchange(
+        self, messages: list[Message], timeout: float | None, attempt: int
+    ) -> list[tuple[int, Message]]:
+        """Send, collect the replies until the timeout, and record who did not answer or failed.
+        Replies come with the node that was asked: the SuperLink itself answers for a node it has
+        found offline."""
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        answered = {reply.metadata.src_node_id for reply in replies}
+        asked = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
+        answers = [(asked.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+        answered = {node for node, _ in answers}
         for message in messages:
             if message.metadata.dst_node_id not in answered:
                 self._drop(message.metadata.dst_node_id, no_reply(timeout, "train"), attempt)
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in answers:
             if reply.has_error():
                 self._drop(node, f"error: {reply.error.reason}", attempt)
             elif reply.metadata.message_type == protocol.TRAIN:
                 self._bytes[node] += recorddict_to_proto(reply.content).ByteSize()
-        return replies
+        return answers
 
     def _train(self, messages: list[Message], timeout: float | None) -> list[Message]:
         sent = {key: array.numpy() for key, array in messages[0].content[protocol.ARRAYS].items()}
@@ -190,13 +196,13 @@ class RoundGrid:
         valid: dict[int, Message] = {}
         pending = messages
         for attempt in range(1, self.policy.retries + 2):
-            for reply in self._exchange(pending, timeout, attempt):
+            for node, reply in self._exchange(pending, timeout, attempt):
                 if reply.has_error():
                     continue
                 if (problem := self.rules.problem(reply, sent)) is not None:
-                    self._drop(reply.metadata.src_node_id, problem, attempt)
+                    self._drop(node, problem, attempt)
                 else:
-                    valid[reply.metadata.src_node_id] = reply
+                    valid[node] = reply
             if len(valid) >= needed or attempt > self.policy.retries:
                 break
             pending = [_again(m) for m in messages if m.metadata.dst_node_id not in valid]

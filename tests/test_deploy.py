@@ -395,7 +395,11 @@ def test_restarted_nodes_reuse_their_adapters_and_retrain_a_corrupt_one(federati
             if key == corrupt_key:
                 retrained = after[index][key]
                 assert retrained["created"] > entry["created"]
-                assert file_sha256(weights) == retrained["sha256"]
+                new_weights = (
+                    federation.data[index] / STATE_DIR / retrained["path"] / "adapter_model.safetensors"
+                )
+                assert file_sha256(new_weights) == retrained["sha256"]
+                assert not weights.parent.exists()  # a new version replaced the corrupt one
                 assert retrained["shared_digest"] == entry["shared_digest"]
             else:
                 assert after[index][key] == entry  # reused as is: same file, same record

@@ -31,7 +31,7 @@ from common.config import load_run_config
 from common.io import StorageError, atomic_write_json, read_json
 from server.checkpoints import CheckpointStore
 from simulations.engine import EngineOptions
-from simulations.report import summary_rows
+from simulations.report import failure_lines, summary_rows
 from simulations.simulate import resume, simulate
 from tests import faults
 
@@ -185,6 +185,11 @@ def test_the_resumed_run_goes_on_without_the_nodes_that_die_and_names_the_users_
     assert reasons[("u004", "u005")].startswith("error:")
     row = next(r for r in runs[1]["summary"] if r["method"] == "oppu")
     assert (row["users"], row["missing"]) == (2, 4)
+    lines = failure_lines(metrics)  # printed under the table
+    assert any(
+        line.startswith("scoring oppu missed users ['u002', 'u003', 'u004', 'u005']") for line in lines
+    )
+    assert any(line.startswith("personalizing oppu missed users ['u002', 'u003']") for line in lines)
     assert set(runs[1]["adapters"]) == {
         "u000",
         "u001",

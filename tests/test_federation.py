@@ -64,8 +64,10 @@ def _scores(*users):
     return reply
 
 
-def _fails(msg):
-    return Message(Error(code=0, reason="out of memory"), reply_to=msg)
+def _offline(msg):
+    reply = Message(Error(code=0, reason="Node Unavailable"), reply_to=msg)
+    reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node it found offline
+    return reply
 
 
 @pytest.mark.usefixtures("flower_identity")
@@ -74,12 +76,12 @@ def test_evaluation_goes_on_without_the_nodes_that_fail_and_names_their_users(tm
     behaviour = {1: _scores("a", "b"), 2: _scores("c"), 3: _scores("d")}
     federation = Federation(BroadcastGrid(behaviour), config)
     assert set(federation.evaluate("zero-shot", None).users) == {"a", "b", "c", "d"}
-    behaviour.update({2: _fails, 3: lambda msg: None})  # node 3 never answers
+    behaviour.update({2: _offline, 3: lambda msg: None})  # node 3 never answers
     evaluation = federation.evaluate("zero-shot", None)
     assert set(evaluation.users) == {"a", "b"} and evaluation.overall["n"] == 4
     assert evaluation.missing.users == ["c", "d"]
     assert evaluation.missing.nodes == [
-        {"node": 2, "users": ["c"], "reason": "error: out of memory"},
+        {"node": 2, "users": ["c"], "reason": "error: Node Unavailable"},
         {"node": 3, "users": ["d"], "reason": "no reply within 0.5 s (evaluate-timeout)"},
     ]
 

@@ -155,10 +155,21 @@ def test_errors_and_late_replies_are_dropped_and_a_short_round_is_sent_again_to_
     ]
 
 
-def _error():
+def test_the_superlinks_answer_for_an_offline_node_is_that_nodes_drop():
+    def offline(msg, attempt):
+        reply = Message(_error("Node Unavailable"), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers, not the node
+        return reply
+
+    grid = round_grid({7: good, 8: offline}, retries=0)
+    grid.send_and_receive([request(7), request(8)], timeout=5)
+    assert grid.take_round().dropped == [{"node": 8, "reason": "error: Node Unavailable", "attempt": 1}]
+
+
+def _error(reason="injected"):
     from flwr.app.error import Error
 
-    return Error(code=0, reason="injected")
+    return Error(code=0, reason=reason)
 
 
 def test_a_round_short_of_its_quorum_after_its_retries_fails_naming_the_counts():
