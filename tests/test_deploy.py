@@ -425,7 +425,7 @@ def test_a_node_killed_while_training_is_dropped_and_its_users_come_back_on_resu
     before = read_json(run_dir / "metrics.json")
     last = max(r["round"] for r in before["rounds"])
     checkpoints = {
-        p.name: p.read_bytes() for p in run_dir.glob("checkpoints/round-*/adapter_model.safetensors")
+        p.parent.name: p.read_bytes() for p in run_dir.glob("checkpoints/round-*/adapter_model.safetensors")
     }
     settings = {
         "resume": "true",
