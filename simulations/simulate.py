@@ -90,6 +90,7 @@ def run_centralized(config: RunConfig, nodes: int, engine: EngineOptions) -> Non
         methods="shared,oppu",
         run_dir=str(central_dir),
         state_dir="",
+        min_nodes=1,  # its one node
     )
     console.print(f"[bold]centralized reference[/]: {users} users pooled on one node")
     recorded = central_dir / "metrics.json"
