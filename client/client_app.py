@@ -203,7 +203,11 @@ def personalize(msg: Message, context: Context) -> Message:
     for ctx in node.contexts:
         stored = store.load(method.name, ctx.user.user_id)
         fingerprint = history_fingerprint(ctx.user.history)
-        if stored and (stored[0].shared_digest, stored[0].data_fingerprint) == (shared_digest, fingerprint):
+        current = stored is not None and (stored[0].shared_digest, stored[0].data_fingerprint) == (
+            shared_digest,
+            fingerprint,
+        )
+        if current:
             reused += 1
             continue
         state, loss = personal_adapter(config, resident, ctx, method, stored[1] if stored else None)

@@ -14,6 +14,8 @@ Inside it, outermost first:
   exactly the shared adapter's keys and shapes, no tensor equal to one of any personal adapter the
   node holds, and scalar metrics of the allowed names; every other reply carries scalar metrics of
   the allowed names under the allowed record names only. No text (no ConfigRecord) ever leaves.
+`UpdateCheckMod` (SecAgg+ only, where the server never sees one update) checks this node's own update
+before it is masked.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 from client.policy import BadRequest, PolicyRefusal, node_policy
 from common import protocol
 from common.config import RunConfig
+from common.updates import update_problem
 
 log = logging.getLogger("fedoppu.node")
 
@@ -292,15 +295,44 @@ def legacy_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def train_privacy_mods(setting: str, noise_multiplier: float, clipping_norm: float) -> list[Mod]:
+class InvalidUpdate(RuntimeError):
+    """This node's own update failed its check; it is not sent."""
+
+
+class UpdateCheckMod:
+    """Under SecAgg+ the server sees only the masked sum, so no server can check one update: each client
+    checks its own before masking it (the keys and shapes that arrived, finite values, an L2 norm within
+    `max-update-norm`). A bad update is never sent: the node drops out of the round and SecAgg+ sums the
+    others. This guards the sum against the node's own faults (a diverged training, a corrupted
+    tensor), not against a hostile node, which runs code of its own choosing (docs/privacy.md).
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm or None
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        sent = {k: a.numpy() for k, a in msg.content[protocol.ARRAYS].items()}
+        update = {k: a.numpy() for k, a in reply.content[protocol.ARRAYS].items()}
+        if (problem := update_problem(sent, update, dtype=None, max_norm=self.max_norm)) is not None:
+            raise InvalidUpdate(f"this node's update is not sent: {problem}")
+        return reply
+
+
+def train_privacy_mods(
+    setting: str, noise_multiplier: float, clipping_norm: float, max_update_norm: float = 0.0
+) -> list[Mod]:
     """The node's half of each privacy setting (the server's half is server/privacy.py)."""
     if setting in ("client-dp", "local-dp"):
         noise = noise_multiplier if setting == "local-dp" else 0.0
         return [NodeClippingMod(clipping_norm, noise)]
+    check = UpdateCheckMod(max_update_norm)
     if setting == "secagg":
-        return [secaggplus_mod, legacy_train_mod]
+        return [secaggplus_mod, legacy_train_mod, check]
     if setting == "secagg+dp":
-        return [secaggplus_mod, legacy_train_mod, NodeClippingMod(clipping_norm)]
+        return [secaggplus_mod, legacy_train_mod, check, NodeClippingMod(clipping_norm)]
     return []  # none, central-dp and adaptive-dp act on the server only
 
 
@@ -310,5 +342,7 @@ def privacy_layer_mod(msg: Message, context: Context, call_next: ClientAppCallab
         return call_next(msg, context)
     config = RunConfig.from_mapping(context.run_config)
     node_policy(context.node_config).admit(config.privacy, config.noise_multiplier, config.clipping_norm)
-    mods = train_privacy_mods(config.privacy, config.noise_multiplier, config.clipping_norm)
+    mods = train_privacy_mods(
+        config.privacy, config.noise_multiplier, config.clipping_norm, config.max_update_norm
+    )
     return make_ffn(call_next, mods)(msg, context)

@@ -127,9 +127,14 @@ def _field(key: str) -> str:
     return key.replace("-", "_")
 
 
-# What simulated nodes accept by default: every setting, and the per-user breakdown the reports use.
+# What simulated nodes accept by default: every setting, the per-user breakdown the reports use, and
+# the server's retry of a round a node failed in (train-retries): the simulation is its own server.
 SIMULATION_POLICY = NodePolicy(
-    user_ids="raw", per_user_history=True, per_user_label_counts=True, min_group_size=1
+    refuse_repeated_rounds=False,
+    user_ids="raw",
+    per_user_history=True,
+    per_user_label_counts=True,
+    min_group_size=1,
 )
 
 

@@ -1,17 +1,20 @@
 """Personal adapters on the client's own disk: one directory per (variant, user), peft's format.
 
-Each adapter is written atomically (temporary directory + rename) and recorded in a manifest with its
-checksum, the version and digest of the shared adapter it was trained on and a fingerprint of the
-user's history, so a later run can reuse it, continue from it, or detect that it is corrupt and
-retrain it. The adapters belong to their users: they can be exported as a portable archive, imported
-on another node (for the user it was exported for, within size limits), and deleted without a trace.
-A user's directory is named by a hash of the id alone, so no user id can name another user's
+Each adapter is recorded in a manifest with its checksum, the version and digest of the shared adapter
+it was trained on and a fingerprint of the user's history, so a later run can reuse it, continue from
+it, or detect that it is corrupt and retrain it. A new adapter never overwrites the one it replaces: it
+is written to a new version directory, then the manifest (renamed into place) switches to it, then the
+old version is removed. A crash at any point leaves the manifest naming a complete adapter, the old
+one or the new one. The adapters belong to their users: they can be exported as a portable archive,
+imported on another node (for the user it was exported for, within size limits), and deleted without
+a trace. A user's directory is named by a hash of the id alone, so no user id can name another user's
 directory; a store written with the older names (the id itself when it was a safe file name) is
 migrated the first time it is changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -21,6 +24,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -105,8 +109,9 @@ class PersonalAdapterStore:
             yield
 
     def _migrate(self) -> None:
-        """Rename a version-1 store's user directories to hash-only names (through unique staging
-        names, since an old name can be a new one) and drop its crash leftovers."""
+        """Move a version-1 store's adapters (one directory per user, named by the id) into versions
+        under hash-only user directories (through unique staging names, since an old name can be a new
+        one) and drop its crash leftovers."""
         if not self.manifest_path.exists():
             return
         manifest = read_json(self.manifest_path)
@@ -122,8 +127,9 @@ class PersonalAdapterStore:
             if old.is_dir():
                 staged[key] = old.rename(old.with_name(f".migrating-{len(staged)}"))
         for key, entry in adapters.items():
-            target = self.root / "adapters" / entry["variant"] / user_dir_name(entry["user_id"])
+            target = self._user_dir(entry["variant"], entry["user_id"]) / "version-migrated"
             if key in staged:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 staged[key].rename(target)
             entry["path"] = str(target.relative_to(self.root))
         self._write_manifest(adapters)
@@ -167,8 +173,8 @@ class PersonalAdapterStore:
         shared_version: int | None = None,
     ) -> AdapterRecord:
         """Write the adapter so that `PeftModel.from_pretrained(model, path)` loads it as is."""
-        target = self.root / "adapters" / variant / user_dir_name(user_id)
         with self._locked():
+            target = self._new_version(variant, user_id)
             digest = write_adapter(target, state, peft_config)
             record = AdapterRecord(
                 user_id,
@@ -183,7 +189,26 @@ class PersonalAdapterStore:
             adapters = self._manifest()
             adapters[self._key(variant, user_id)] = asdict(record)
             self._write_manifest(adapters)
+            self._prune(variant, user_id, keep=target)
         return record
+
+    def _user_dir(self, variant: str, user_id: str) -> Path:
+        return self.root / "adapters" / variant / user_dir_name(user_id)
+
+    def _new_version(self, variant: str, user_id: str) -> Path:
+        return self._user_dir(variant, user_id) / f"version-{uuid.uuid4().hex[:12]}"
+
+    def _prune(self, variant: str, user_id: str, keep: Path) -> None:
+        """Remove every version but the recorded one: the one it replaced and any a crash left. What
+        cannot be removed now (the adapter is saved either way) goes in a later save or delete."""
+        for path in self._user_dir(variant, user_id).iterdir():
+            if path == keep:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def load(self, variant: str, user_id: str) -> tuple[AdapterRecord, dict[str, torch.Tensor]] | None:
         """The stored adapter, or None when there is none or it fails its checksum (then it is dropped)."""
@@ -214,7 +239,8 @@ class PersonalAdapterStore:
         return len(doomed)
 
     def _user_dirs(self, user_id: str, variants: list[str] | None) -> Iterator[Path]:
-        """The user's adapter directories, including temporary and replaced ones from atomic writes."""
+        """The user's adapter directories (every version inside), and the temporary or replaced ones that
+        interrupted writes of the earlier one-directory layout left beside them."""
         name = user_dir_name(user_id)
         leftover = _leftover(name)
         base = self.root / "adapters"
@@ -301,12 +327,14 @@ class PersonalAdapterStore:
                     )
                 imported = []
                 for record in records:
-                    target = self.root / "adapters" / record.variant / user_dir_name(owner)
+                    target = self._new_version(record.variant, owner)
                     with atomic_directory(target) as staging:
                         shutil.copytree(tops[0] / record.path, staging, dirs_exist_ok=True)
                     imported.append(replace(record, user_id=owner, path=str(target.relative_to(self.root))))
                     adapters[self._key(record.variant, owner)] = asdict(imported[-1])
                 self._write_manifest(adapters)
+                for record in imported:
+                    self._prune(record.variant, owner, keep=self.root / record.path)
         return imported
 
 

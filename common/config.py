@@ -77,6 +77,15 @@ class RunConfig:
     clipping_norm: float
     dp_delta: float
     max_epsilon: float
+    min_nodes: int
+    min_nodes_timeout: float
+    train_timeout: float
+    personalize_timeout: float
+    evaluate_timeout: float
+    min_train_fraction: float
+    min_train_clients: int
+    train_retries: int
+    max_update_norm: float
     personal_epochs: float
     personal_learning_rate: float
     rag_k: int
@@ -132,6 +141,7 @@ class RunConfig:
         if self.personal_epochs < 0:
             raise ConfigError(f"{source}: personal-epochs = {self.personal_epochs}; expected >= 0")
         self._validate_privacy(source)
+        self._validate_failures(source)
         if self.rag_k < 1 and any(_METHODS[name].rag for name in self.method_list):
             raise ConfigError(
                 f"{source}: rag-k = {self.rag_k}, but methods {self.methods!r} retrieve; expected >= 1"
@@ -157,6 +167,30 @@ class RunConfig:
                 f"{source}: privacy = {self.privacy!r} works with strategy {' or '.join(allowed)}, "
                 f"not {self.strategy!r}"
             )
+
+    def _validate_failures(self, source: str) -> None:
+        if self.min_nodes < 1 or self.min_train_clients < 1:
+            name = "min_nodes" if self.min_nodes < 1 else "min_train_clients"
+            raise ConfigError(f"{source}: {_key(name)} = {getattr(self, name)}; expected an integer >= 1")
+        if self.train_retries < 0:
+            raise ConfigError(f"{source}: train-retries = {self.train_retries}; expected an integer >= 0")
+        if not 0.0 < self.min_train_fraction <= 1.0:
+            raise ConfigError(
+                f"{source}: min-train-fraction = {self.min_train_fraction}; expected 0 < value <= 1"
+            )
+        for name in ("min_nodes_timeout", "train_timeout", "personalize_timeout", "evaluate_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"{source}: {_key(name)} = {getattr(self, name)}; expected seconds >= 0 (0 = no limit)"
+                )
+        if self.max_update_norm < 0:
+            raise ConfigError(
+                f"{source}: max-update-norm = {self.max_update_norm}; expected >= 0 (0 = no bound)"
+            )
+
+    def timeout(self, phase: str) -> float | None:
+        """`<phase>-timeout` in seconds (train, personalize, evaluate, min-nodes), None for 0: no limit."""
+        return getattr(self, f"{phase.replace('-', '_')}_timeout") or None
 
     @property
     def uniform_client_weights(self) -> bool:

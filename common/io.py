@@ -1,7 +1,8 @@
 """Atomic file writes and strict JSON reading, shared by every module that persists state.
 
 A crash mid-write must never leave a half-written file where a good one was, so every write goes
-to a temporary file in the same directory and is renamed into place.
+to a temporary file in the same directory and is renamed into place. A write that fails (a full or
+read-only disk) removes its temporary file and raises a StorageError that names the file it was for.
 """
 
 from __future__ import annotations
@@ -21,18 +22,36 @@ class DataError(ValueError):
     """Bad input: the message names the file, the record and what was expected."""
 
 
+class StorageError(OSError):
+    """A file or directory could not be written (disk full, read-only, ...); the message names it."""
+
+
+def storage_error(path: str | os.PathLike, err: OSError) -> StorageError:
+    if isinstance(err, StorageError):
+        return err
+    message = f"cannot write {path}: {err.strerror or err}"
+    return StorageError(err.errno, message) if err.errno is not None else StorageError(message)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise storage_error(path, err) from err
         raise
 
 
@@ -52,8 +71,11 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     first moved aside and removed only after the new one is in place.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise storage_error(target, err) from err
     try:
         yield tmp
         old = None
@@ -64,8 +86,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise storage_error(target, err) from err
         raise
 
 

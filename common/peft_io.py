@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from common.io import atomic_directory, file_sha256
+from common.io import StorageError, atomic_directory, file_sha256
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -21,7 +22,10 @@ WEIGHTS = "adapter_model.safetensors"
 def write_adapter(target: str | Path, state: Mapping[str, torch.Tensor], peft_config: LoraConfig) -> str:
     """Write an adapter directory atomically; returns the weights' sha256 for the caller's manifest."""
     with atomic_directory(target) as tmp:
-        save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
+        try:  # safetensors reports a full disk as its own error, naming only its temporary file
+            save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
+        except SafetensorError as err:
+            raise StorageError(f"cannot write {target}: {err}") from err
         peft_config.save_pretrained(str(tmp))
         return file_sha256(tmp / WEIGHTS)
 

@@ -11,7 +11,9 @@ adapter's key order (`arrays-keys`), since legacy parameters have no names.
 
 What a reply may carry is spelled here too, so the node's guard (client/mods.py) and the server read
 one allowlist: the metric names of each message type, which of them depend on the users' data, and
-the error codes a node answers with instead of an exception's text.
+the error codes a node answers with instead of an exception's text. A train reply's tensors come back
+in the run's `wire-dtype`, except under client-dp and local-dp, whose client mods re-emit them in
+float32 (`train_reply_dtype`); the server refuses any other dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from enum import IntEnum
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.common.constant import ErrorCode
 
 from common.adapters import StateDict
 from common.metrics import count_names, label_count_names
@@ -97,12 +100,23 @@ _NODE_ERROR_TEXT = {
 }
 
 
-def node_error(code: int) -> str:
-    """A node's error code as the server reports it."""
-    try:
+# Errors the SuperLink itself writes for a message it could not deliver: their texts are Flower's own.
+_SUPERLINK_ERRORS = (
+    ErrorCode.MESSAGE_UNAVAILABLE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    ErrorCode.NODE_UNAVAILABLE,
+)
+
+
+def node_error(code: int, reason: str = "") -> str:
+    """An error reply as the server reports it: a node's code with its fixed text, the SuperLink's own
+    text for a message it could not deliver, and for anything else only the code (its text came from
+    the node's side and is not shown)."""
+    if code in NodeError._value2member_map_:
         return f"{NodeError(code).name.lower().replace('_', ' ')}: {NodeError(code).text}"
-    except ValueError:
-        return f"Flower error code {code}"
+    if code in _SUPERLINK_ERRORS:
+        return reason
+    return f"Flower error code {code}"
 
 
 def reply_metric_names(message_type: str, privacy: str) -> frozenset[str]:
@@ -116,6 +130,16 @@ def evaluate_metric_names(task: Task, *, labels: bool, history: bool) -> frozens
     unless `labels`, with the history size only if `history`."""
     names = set(count_names(task)) - (set() if labels else set(label_count_names(task)))
     return frozenset(names | ({HISTORY_SIZE} if history else set()))
+
+
+# numpy dtype of the shared adapter's tensors on the wire, per `wire-dtype`.
+WIRE_NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16"}
+FLOAT32_REPLY_PRIVACY = ("client-dp", "local-dp")  # their client mods rebuild the arrays in float32
+
+
+def train_reply_dtype(wire_dtype: str, privacy: str) -> str:
+    """The dtype every tensor of a train reply has, under this wire dtype and privacy setting."""
+    return "float32" if privacy in FLOAT32_REPLY_PRIVACY else WIRE_NUMPY_DTYPES[wire_dtype]
 
 
 def user_record(user_id: str) -> str:

@@ -39,6 +39,7 @@ from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from common import protocol
 from common.config import ConfigError, RunConfig
+from server.grid import RoundFailed
 
 ACCOUNTING = {
     "none": "no DP: no epsilon can be claimed",
@@ -99,8 +100,9 @@ class RoundClipAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
             self.clipping_norm = next_norm
 
 
-class RoundRefused(RuntimeError):
-    """A round under a privacy setting did not get exactly the sampled replies, each of weight 1."""
+class RoundRefused(RoundFailed):
+    """A round under a privacy setting did not get exactly the sampled replies, each of weight 1; like
+    any round that cannot be aggregated, it ends training early with every checkpoint kept."""
 
 
 def check_round(server_round: int, expected: int | None, weights: list[float], errors: list[str]) -> None:
@@ -133,7 +135,7 @@ class ExactRounds(Strategy):
         good = [r for r in replies if not r.has_error()]
         weights = [r.content[protocol.METRICS].get(protocol.NUM_EXAMPLES, 0) for r in good]
         errors = [
-            f"node {r.metadata.src_node_id}: {protocol.node_error(r.error.code)}"
+            f"node {r.metadata.src_node_id}: {protocol.node_error(r.error.code, r.error.reason)}"
             for r in replies
             if r.has_error()
         ]
@@ -236,6 +238,28 @@ class PrivacyLayer:
         else:
             multipliers = []
         return [GaussianPrivacyEvent(m, self.sampled, self.population) for m in multipliers]
+
+    @property
+    def needs_every_sampled_client(self) -> bool:
+        """Whether the aggregate's noise is calibrated to the sampled count (Flower's DP wrappers and the
+        SecAgg+ DP sum): a round aggregated from fewer replies would carry less noise per user than
+        accounted, so such a round is refused (retried, then training stops) instead."""
+        return self.setting in ("central-dp", "client-dp", "adaptive-dp", "secagg+dp")
+
+    def update_norm_bound(self, max_update_norm: float, num_params: int) -> float | None:
+        """The L2 bound the server checks each update against (None: no bound).
+
+        client-dp: the clients must have clipped to C, so C itself (plus float rounding). local-dp: the
+        clipped update plus the client's Gaussian noise, whose norm exceeds z*C*(sqrt(d) + 8) with
+        probability below 1e-13 (`max-update-norm` would refuse every honest update). Otherwise
+        `max-update-norm` (0: none); central-dp and adaptive-dp clip on the server after the check.
+        """
+        clip, z = self.config.clipping_norm, self.config.noise_multiplier
+        if self.setting == "client-dp":
+            return min(clip * (1 + 1e-3), max_update_norm or math.inf)
+        if self.setting == "local-dp":
+            return clip + z * clip * (math.sqrt(num_params) + 8)
+        return max_update_norm or None
 
     # -- accounting --------------------------------------------------------------------------------
     def _new_accountant(self) -> RdpAccountant:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +20,39 @@ from common.tasks import Task
 
 
 @dataclass
+class Missing:
+    """What a phase could not reach: its users by name, and the dropped nodes with their reasons."""
+
+    users: list[str] = field(default_factory=list)
+    nodes: list[dict] = field(default_factory=list)  # {"node", "users", "reason"}
+
+    def to_json(self) -> dict[str, list]:
+        return asdict(self)
+
+
+@dataclass
 class Evaluation:
     """One method's answers scored: exact metrics over all answers (from the nodes' own counts) and per
     user (from the users' counts, as far as the nodes' policies report them). The per-user counts are
     kept too: the report's intervals resample users and recompute the pooled metrics from them
     (macro-F1 cannot be recomputed from per-user F1). `withheld` answers were scored by their nodes
-    but reported in no record (their group was below the node's minimum group size)."""
+    but reported in no record (their group was below the node's minimum group size); the users it
+    could not reach are in `missing`, not in the metrics."""
 
     overall: dict[str, float]
     users: dict[str, dict[str, float]]
     history: dict[str, int]
     counts: dict[str, dict[str, float]]
     withheld: int = 0
+    missing: Missing = field(default_factory=Missing)
 
     @classmethod
     def from_counts(
-        cls, task: Task, nodes: list[dict[str, float]], users: dict[str, dict[str, float]]
+        cls,
+        task: Task,
+        nodes: list[dict[str, float]],
+        users: dict[str, dict[str, float]],
+        missing: Missing | None = None,
     ) -> Evaluation:
         history = {
             uid: int(c.pop(protocol.HISTORY_SIZE)) for uid, c in users.items() if protocol.HISTORY_SIZE in c
@@ -48,17 +65,20 @@ class Evaluation:
         )
         overall = metrics_from_counts(task, merge_counts(*reported)) if reported else {"n": 0}
         answered = sum(int(node.get(protocol.NUM_EXAMPLES, 0)) for node in nodes)
-        return cls(overall, per_user, history, ordered, answered - int(overall["n"]))
+        withheld = answered - int(overall["n"])
+        return cls(overall, per_user, history, ordered, withheld, missing or Missing())
 
 
 class RunRecorder:
-    """metrics.json: per method (overall and per user), per round, and per personalization phase."""
+    """metrics.json: per method (overall, per user, the users missed), per round (with the nodes
+    dropped), per personalization phase, and every stop of training with its reason."""
 
     def __init__(self, run_dir: str | Path, task: Task, resume: bool = False) -> None:
         self.path = Path(run_dir) / "metrics.json"
         if resume and self.path.exists():
             self.data: dict[str, Any] = read_json(self.path)
             self.data["status"] = "running"
+            self.data.pop("stop_reason", None)  # the stop it resumes from stays in "stops"
         else:
             self.data = {
                 "task": task.name,
@@ -70,6 +90,7 @@ class RunRecorder:
                 "rounds": [],
                 "personalize": {},
                 "history": {},
+                "stops": [],
             }
         self.data.setdefault("user_scope", secrets.token_hex(16))
         self.save()
@@ -87,6 +108,7 @@ class RunRecorder:
             "overall": evaluation.overall,
             "users": evaluation.users,
             "counts": evaluation.counts,
+            "missing": evaluation.missing.to_json(),
             "seconds": seconds,
         }
         if evaluation.withheld:
@@ -100,6 +122,7 @@ class RunRecorder:
         train: dict[str, float] | None,
         evaluation: Evaluation | None,
         privacy: dict[str, Any] | None = None,
+        dropped: list[dict] | None = None,
     ) -> None:
         rounds = [r for r in self.data["rounds"] if r["round"] != server_round]
         entry: dict[str, Any] = {"round": server_round}
@@ -107,9 +130,13 @@ class RunRecorder:
             entry["privacy"] = privacy
         if train is not None:
             entry["train"] = train
+        if dropped:
+            entry["dropped"] = dropped
         if evaluation is not None:
             entry["eval"] = evaluation.overall
             entry["users"] = evaluation.users
+            if evaluation.missing.users or evaluation.missing.nodes:
+                entry["missing"] = evaluation.missing.to_json()
             self.data["history"].update(evaluation.history)
         self.data["rounds"] = sorted([*rounds, entry], key=lambda r: r["round"])
         self.save()
@@ -120,8 +147,25 @@ class RunRecorder:
         self.data["stopped_early"] = stopped_early
         self.save()
 
-    def record_personalization(self, name: str, metrics: dict[str, float]) -> None:
-        self.data["personalize"][name] = metrics
+    def record_personalization(self, name: str, summary: dict[str, Any]) -> None:
+        self.data["personalize"][name] = summary
+        self.save()
+
+    def record_stop(self, server_round: int, reason: str, dropped: list[dict]) -> None:
+        """Training stopped because `server_round` could not be aggregated."""
+        entry = {"round": server_round, "reason": reason, "dropped": dropped, "time": time.time()}
+        self.data.setdefault("stops", []).append(entry)
+        self.save()
+
+    def name_nodes(self, node_users: dict[int, list[str]]) -> None:
+        """Name the users of dropped nodes that a later reply of the run named."""
+        entries = [d for r in self.data["rounds"] for d in r.get("dropped", [])]
+        entries += [d for stop in self.data.get("stops", []) for d in stop["dropped"]]
+        for section in (self.data["methods"], self.data["personalize"]):
+            entries += [d for entry in section.values() for d in entry.get("missing", {}).get("nodes", [])]
+        for entry in entries:
+            if entry["users"] is None and entry["node"] in node_users:
+                entry["users"] = node_users[entry["node"]]
         self.save()
 
     def finish(self, status: str = "complete", **extra: Any) -> None:

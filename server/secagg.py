@@ -40,8 +40,12 @@ def run_secagg(
     round_offset: int,
     after_round: Callable[[int, StateDict], None],
     aggregate_train: Callable[[list[RecordDict], str], MetricRecord],
+    timeout: float | None = None,
 ) -> None:
-    """Run `num_rounds` SecAgg+ rounds from `initial`, calling `after_round` at round 0 and after each."""
+    """Run `num_rounds` SecAgg+ rounds from `initial`, calling `after_round` at round 0 and after each.
+
+    `timeout` bounds each of SecAgg+'s four stages; a node that misses one drops out of the round, and
+    SecAgg+ recovers the sum of the others while enough of the masking secrets' shares arrive."""
     keys = list(initial)
 
     def evaluate_fn(server_round: int, arrays: NDArrays, _: dict[str, Scalar]) -> None:
@@ -82,6 +86,7 @@ def run_secagg(
         max_weight=protocol.SECAGG_MAX_WEIGHT,
         clipping_range=protocol.SECAGG_CLIPPING_RANGE,
         quantization_range=protocol.SECAGG_QUANTIZATION_RANGE,
+        timeout=timeout,
     )
 
     def fit_round(grid: Grid, context: LegacyContext) -> None:

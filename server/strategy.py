@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-import math
-
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi
 
 from common.config import RunConfig
 
 
-def build_strategy(config: RunConfig, num_nodes: int) -> FedAvg:
-    """Federated evaluation is driven by the ServerApp itself (per user, per method), so it is off here."""
-    sampled = max(1, math.ceil(num_nodes * config.fraction_train))
+def build_strategy(config: RunConfig, min_nodes: int) -> FedAvg:
+    """Each round samples max(int(connected nodes * fraction-train), min_nodes) of the connected nodes,
+    once min_nodes are connected (the round's grid bounds that wait): a round goes on with the nodes
+    that are online. `min_nodes` is what a round needs to be aggregated (server/grid.py's RoundPolicy).
+    Federated evaluation is driven by the ServerApp itself (per user, per method), so it is off here.
+
+    The robust strategies answer updates that pass validation but are hostile (a bounded but
+    poisoned update): fedmedian takes the coordinate-wise median, fedtrimmedavg drops the `trim-beta`
+    fraction of largest and smallest values per coordinate before averaging.
+    """
     common = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": 0.0,
-        "min_train_nodes": sampled,
+        "min_train_nodes": min_nodes,
         "min_evaluate_nodes": 0,
-        "min_available_nodes": num_nodes,
+        "min_available_nodes": min_nodes,
     }
     name = config.strategy
     if name == "fedavg":

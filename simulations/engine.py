@@ -39,6 +39,9 @@ class EngineOptions:
 
     cpus_per_client: int = 1
     flower_log: bool = False  # Flower's own INFO log (rounds, sampling) besides fedoppu's progress
+    # Other apps than pyproject's components, as "module:attribute" (the tests' faulty and malicious apps).
+    server_app: str | None = None
+    client_app: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineOptions:
@@ -61,16 +64,10 @@ class FederationFailed(RuntimeError):
     """The federation's process ended with an error (its traceback was printed above)."""
 
 
-def run_federation(
-    config: RunConfig,
-    num_supernodes: int,
-    engine: EngineOptions = DEFAULT_ENGINE,
-    server_app: str | None = None,
-) -> None:
-    """Run one federation in a fresh process, so no Ray or Flower state leaks between federations.
-    `server_app` ("module:attribute") replaces the app's own ServerApp (the tests' malicious one)."""
+def run_federation(config: RunConfig, num_supernodes: int, engine: EngineOptions = DEFAULT_ENGINE) -> None:
+    """Run one federation in a fresh process, so no Ray or Flower state leaks between federations."""
     process = multiprocessing.get_context("spawn").Process(
-        target=_run_in_process, args=(config, num_supernodes, engine, server_app), name="fedoppu-federation"
+        target=_run_in_process, args=(config, num_supernodes, engine), name="fedoppu-federation"
     )
     process.start()
     try:
@@ -83,16 +80,14 @@ def run_federation(
         raise FederationFailed(f"the federation in {config.run_dir} failed (exit code {process.exitcode})")
 
 
-def _run_in_process(
-    config: RunConfig, num_supernodes: int, engine: EngineOptions, server_app: str | None
-) -> None:
+def _run_in_process(config: RunConfig, num_supernodes: int, engine: EngineOptions) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not engine.flower_log:  # fedoppu's progress bars and report are what a user reads
         logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
-    server_attr, client_attr = _components()
-    server_attr = server_app or server_attr
+    components = _components()
+    server_attr, client_attr = engine.server_app or components[0], engine.client_app or components[1]
     run_config = config.to_flower()
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)
@@ -103,7 +98,15 @@ def _run_in_process(
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     total_cpus = os.cpu_count() or 1
     backend_config = {
-        "client_resources": {"num_cpus": min(engine.cpus_per_client, total_cpus), "num_gpus": 0.0},
+        # Simulated nodes share a few Ray actors. One that dies (killed, out of memory) is restarted,
+        # and a message it was running or was handed while restarting is retried once: without that,
+        # Flower keeps handing every node's messages to the dead actor and the run hangs or fails.
+        "client_resources": {
+            "num_cpus": min(engine.cpus_per_client, total_cpus),
+            "num_gpus": 0.0,
+            "max_restarts": -1,
+            "max_task_retries": 1,
+        },
         "init_args": {"num_cpus": total_cpus, "logging_level": logging.ERROR, "log_to_driver": True},
     }
     _run_simulation(

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
@@ -59,7 +60,8 @@ def summary_rows(metrics: dict) -> list[dict]:
         row[f"{primary}_lo"] = interval["lo"] if interval else None
         row[f"{primary}_hi"] = interval["hi"] if interval else None
         row.update(
-            users=len(entry["users"]),
+            users=len(entry["users"]),  # the users it was scored on
+            missing=len(entry.get("missing", {}).get("users", [])),  # users it could not reach
             queries=int(entry["overall"].get("n", 0)),
             seconds=round(entry["seconds"]),
         )
@@ -81,15 +83,11 @@ def plot_methods(metrics: dict, path: Path) -> None:
     methods = _methods(metrics)
     values = [metrics["methods"][m]["overall"].get(key, float("nan")) for m in methods]
     intervals = metrics.get("uncertainty", {}).get("methods", {})
+    bounds = [Estimate.from_dict(intervals[m][key]) if m in intervals else None for m in methods]
+    # no error bar where there is no interval (too few users): NaN bounds draw nothing
     errors = [
-        [
-            v - intervals[m][key]["lo"] if m in intervals else 0.0
-            for m, v in zip(methods, values, strict=True)
-        ],
-        [
-            intervals[m][key]["hi"] - v if m in intervals else 0.0
-            for m, v in zip(methods, values, strict=True)
-        ],
+        [v - b.lo if b is not None else 0.0 for v, b in zip(values, bounds, strict=True)],
+        [b.hi - v if b is not None else 0.0 for v, b in zip(values, bounds, strict=True)],
     ]
     figure, axis = plt.subplots(figsize=(1.1 * len(methods) + 2, 3.6))
     bars = axis.bar(
@@ -172,6 +170,23 @@ def plot_user_gain(metrics: dict, path: Path) -> bool:
     return True
 
 
+def failure_lines(metrics: dict) -> list[str]:
+    """What the run could not do: why training stopped, and which users each method missed."""
+    lines = []
+    if reason := metrics.get("stop_reason"):
+        lines.append(
+            f"training stopped early at {reason}; resume the run to continue from its last checkpoint"
+        )
+    phases = [("scoring", metrics["methods"]), ("personalizing", metrics.get("personalize", {}))]
+    for phase, entries in phases:
+        for method, entry in entries.items():
+            missing = entry.get("missing", {})
+            if missing.get("users") or missing.get("nodes"):
+                reasons = "; ".join(f"node {n['node']}: {n['reason']}" for n in missing["nodes"])
+                lines.append(f"{phase} {method} missed users {missing['users']} ({reasons})")
+    return lines
+
+
 def write_report(run_dir: str | Path, console: Console | None = None) -> list[dict]:
     """Intervals into metrics.json, then summary.csv, the plots and the terminal tables."""
     run_dir = Path(run_dir)
@@ -194,6 +209,8 @@ def write_report(run_dir: str | Path, console: Console | None = None) -> list[di
         console.print(summary_table(metrics, rows))
         if metrics.get("uncertainty", {}).get("differences"):
             console.print(differences_table(metrics))
+        for line in failure_lines(metrics):
+            console.print(f"[yellow]{escape(line)}[/]")
     return rows
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from common.cli import console
-from common.config import METHODS, RunConfig, default_config_values
+from common.config import METHODS, ConfigError, RunConfig, default_config_values
 from common.io import atomic_write_json, read_json
 from common.loaders import load_run_dataset, num_partitions
 from simulations.engine import DEFAULT_ENGINE, EngineOptions, run_federation
@@ -44,6 +44,8 @@ def prepare(config: RunConfig, run_dir: Path, centralized: bool) -> tuple[RunCon
     dataset = load_run_dataset(config)
     config = config.replace(task=config.task or dataset.task, run_dir=str(run_dir))
     nodes = num_partitions(len(dataset.users), config.users_per_client)
+    if config.min_nodes > nodes:
+        raise ConfigError(f"min-nodes = {config.min_nodes}, but this simulation has {nodes} node(s)")
     atomic_write_json(
         run_dir / "config.json",
         {
@@ -107,6 +109,7 @@ def run_centralized(config: RunConfig, nodes: int, engine: EngineOptions) -> Non
         methods="shared,oppu",
         run_dir=str(central_dir),
         state_dir="",
+        min_nodes=1,  # its one node
     )
     console.print(f"[bold]centralized reference[/]: {users} users pooled on one node")
     recorded = central_dir / "metrics.json"

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
@@ -86,7 +88,7 @@ def test_store_round_trip_loads_with_plain_peft(resident, tiny_model, tmp_path):
         "oppu", "u/1 odd id", personal, resident.spec.peft_config(), shared_digest="abc", data_fingerprint="f"
     )
     loaded_record, loaded = store.load("oppu", "u/1 odd id")
-    assert loaded_record == record and "/" not in record.path.split("/", 2)[-1]
+    assert loaded_record == record and len(Path(record.path).parts) == 4  # adapters/oppu/<user>/<version>
     assert all(torch.equal(loaded[k], personal[k]) for k in personal)
     # The stored directory is an ordinary peft adapter.
     model, _ = tiny_model

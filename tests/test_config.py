@@ -28,6 +28,11 @@ def test_overrides_parse_toml_values_and_bare_words():
         ("fraction-train=1.5", "fraction-train = 1.5; expected 0 < value <= 1"),
         ("batch-size=0", "batch-size = 0; expected an integer >= 1"),
         ("eval-every-round=1", "eval-every-round = 1 (int); expected bool"),
+        ("min-train-fraction=0", "min-train-fraction = 0.0; expected 0 < value <= 1"),
+        ("train-timeout=-1", "train-timeout = -1.0; expected seconds >= 0 (0 = no limit)"),
+        ("min-nodes=0", "min-nodes = 0; expected an integer >= 1"),
+        ("train-retries=-1", "train-retries = -1; expected an integer >= 0"),
+        ("max-update-norm=-1", "max-update-norm = -1.0; expected >= 0 (0 = no bound)"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_expectation(override, message):
@@ -61,3 +66,8 @@ def test_from_mapping_reports_missing_keys():
     del values["seed"]
     with pytest.raises(ConfigError, match=r"missing key\(s\) \['seed'\]"):
         RunConfig.from_mapping(values)
+
+
+def test_a_zero_timeout_means_no_limit():
+    config = load_run_config(overrides=["train-timeout=0", "evaluate-timeout=90"])
+    assert config.timeout("train") is None and config.timeout("evaluate") == 90.0

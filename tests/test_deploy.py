@@ -5,7 +5,8 @@ authentication, runs 2 rounds and personalization with the tiny model, restarts 
 again and checks what each node kept on its own disk and what reached the server (pseudonyms only);
 a node with an unregistered key, a node that trusts another CA and an `--insecure` node are refused.
 Every ClientApp is launched by the nodes' own SuperExec, which runs only the app package their
-checkout builds.
+checkout builds. Then failures on purpose: a run that waits for its nodes, a node killed while it
+trains, and the resume that brings its users back.
 Every process is started in its own session and stopped by pid (and its process group), also when
 a test fails; a marker in their environment proves that nothing they started is left running.
 """
@@ -489,7 +490,103 @@ def test_restarted_nodes_reuse_their_adapters_and_retrain_a_corrupt_one(federati
             if key == corrupt_key:
                 retrained = after[index][key]
                 assert retrained["created"] > entry["created"]
-                assert file_sha256(weights) == retrained["sha256"]
+                new_weights = (
+                    federation.data[index] / STATE_DIR / retrained["path"] / "adapter_model.safetensors"
+                )
+                assert file_sha256(new_weights) == retrained["sha256"]
+                assert not weights.parent.exists()  # a new version replaced the corrupt one
                 assert retrained["shared_digest"] == entry["shared_digest"]
             else:
                 assert after[index][key] == entry  # reused as is: same file, same record
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a node and everything it started (its ClientApp): a machine that dies mid-work."""
+    for pid in _children(proc.pid):
+        _send(pid, signal.SIGKILL)
+    _send(proc.pid, signal.SIGKILL, group=True)
+    proc.wait(20)
+
+
+def test_a_node_killed_while_training_is_dropped_and_its_users_come_back_on_resume(federation):
+    """Failures on purpose, on one loopback deployment: the run waits for `min-nodes` before training,
+    node-2 is killed (SIGKILL) while it trains, the round is aggregated from node-1, personalization and
+    evaluation report node-2's users as missing by name, and once node-2 is back a resumed run trains
+    and scores only them; no checkpoint or adapter is lost."""
+    procs, run_dir = federation.procs, federation.run_dir
+    for node in federation.nodes:
+        procs.stop(node)
+    _wait_for(lambda: "online" not in federation.online(), 90, "both nodes offline", every=2)
+    before = read_json(run_dir / "metrics.json")
+    last = max(r["round"] for r in before["rounds"])
+    checkpoints = {
+        p.parent.name: p.read_bytes() for p in run_dir.glob("checkpoints/round-*/adapter_model.safetensors")
+    }
+    settings = {
+        "resume": "true",
+        "num-rounds": last + 1,  # one more round, in which node-2 dies
+        "min-nodes": 2,
+        "min-nodes-timeout": 300,
+        # Generous: the SuperLink reports the dead node unavailable once its heartbeats stop (~1 min).
+        "train-timeout": 300,
+        "personalize-timeout": 300,
+        "evaluate-timeout": 300,
+        "train-retries": 0,
+    }
+    args = [*federation.run_args, *(a for k, v in settings.items() for a in ("--set", f"{k}={v}"))]
+    run = procs.start("run-3", *args)
+    _wait_for(
+        lambda: "waiting for nodes: 0 of 2 connected" in procs.log("run-3"), 120, "the run to wait", run
+    )
+    received = procs.log("node-2").count("Receiving: train message")
+    federation.start_nodes()
+    _wait_for(
+        lambda: procs.log("node-2").count("Receiving: train message") > received, 240, "node-2 to train", run
+    )
+    _kill(federation.nodes[1])
+    assert run.wait(600) == 0, procs.log("run-3")[-3000:]
+
+    node_1 = sorted(u.user_id for u in federation.users[0])
+    node_2 = sorted(u.user_id for u in federation.users[1])
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["status"] == "complete"
+    trained = metrics["rounds"][-1]
+    assert trained["round"] == last + 1 and (trained["train"]["sampled"], trained["train"]["clients"]) == (
+        2,
+        1,
+    )
+    [dropped] = trained["dropped"]
+    assert dropped["reason"] == "no reply within 60 s (train-timeout)" or dropped["reason"].startswith(
+        "error:"
+    )
+    for method in ("shared", "oppu"):
+        assert sorted(metrics["methods"][method]["users"]) == node_1, method
+        assert metrics["methods"][method]["missing"]["users"] == node_2, method
+    personalize = metrics["personalize"]["oppu"]
+    assert personalize["missing"]["users"] == node_2 and personalize["users-trained"] == 2
+    assert "waiting for nodes: 0 of 2 connected" in procs.log("run-3")
+
+    federation.nodes[1] = federation.start_node("node-2", federation.data[1])
+    _wait_for(lambda: federation.online().count("online") == 2, 120, "node-2 back online", every=2)
+    assert procs.run("run-4", *args, timeout=420) == 0, procs.log("run-4")[-3000:]
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["status"] == "complete" and metrics["rounds"][-1] == {
+        **trained,
+        "dropped": metrics["rounds"][-1]["dropped"],
+    }
+    assert metrics["rounds"][-1]["dropped"][0]["users"] == node_2  # named once node-2 answered again
+    for method in ("shared", "oppu"):
+        assert sorted(metrics["methods"][method]["users"]) == node_1 + node_2, method
+        assert metrics["methods"][method]["missing"] == {"users": [], "nodes": []}, method
+    personalize = metrics["personalize"]["oppu"]
+    assert (personalize["users-trained"], personalize["users-reused"]) == (2, 2)  # only node-2's users
+    for index in range(2):
+        for entry in federation.manifest(index).values():
+            adapter = federation.data[index] / STATE_DIR / entry["path"]
+            assert file_sha256(adapter / "adapter_model.safetensors") == entry["sha256"]
+    after = {
+        p.parent.name: p.read_bytes() for p in run_dir.glob("checkpoints/round-*/adapter_model.safetensors")
+    }
+    assert len(after) == len(checkpoints) + 1 and all(
+        after[name] == data for name, data in checkpoints.items()
+    )

@@ -1,14 +1,15 @@
-"""Merging the nodes' evaluation replies into per-user counts; the order replies reach aggregation."""
+"""Personalization and evaluation across nodes: per-user counts, nodes that fail, waiting for nodes."""
 
-import random
+import uuid
 from types import SimpleNamespace
 
 import pytest
-import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app.error import Error
+from flwr.common.constant import ErrorCode
 
-from server.federation import ClientFailure, user_counts
-from server.grid import MeteredSortedGrid
+from common.config import load_run_config
+from server.federation import ClientFailure, Federation, NodesUnavailable, user_counts, wait_for_nodes
 
 
 def _reply(node_id: int, records: dict[str, dict[str, float]]):
@@ -34,23 +35,69 @@ def test_a_user_reported_by_two_nodes_is_an_error_naming_both():
         user_counts(replies, "evaluating oppu")
 
 
-def test_replies_reach_aggregation_in_the_same_order_whatever_order_they_arrive_in():
-    def arriving(order):
-        replies = [_reply(node, {}) for node in order]
-        for reply in replies:
-            reply.metadata.message_type, reply.has_content = "train", lambda: True
-            node = reply.metadata.src_node_id
-            reply.content = RecordDict(
-                {
-                    "arrays": ArrayRecord({"w": torch.full((2,), float(node))}),
-                    "metrics": MetricRecord({"train-seconds": random.random()}),  # differs every run
-                }
-            )
-        grid = SimpleNamespace(send_and_receive=lambda messages, timeout=None: iter(replies))
-        meter = MeteredSortedGrid(grid)
-        return [r.metadata.src_node_id for r in meter.send_and_receive([], timeout=None)], meter
+class BroadcastGrid:
+    """Nodes that answer a personalize or evaluate message with `behaviour[node](msg)`; None: never."""
 
-    first, meter = arriving([30, 10, 20])
-    assert sorted(first) == [10, 20, 30]
-    assert all(arriving(order)[0] == first for order in ([10, 20, 30], [20, 30, 10]))
-    assert meter.take_per_client() > 0  # the train replies were counted on the way
+    def __init__(self, behaviour) -> None:
+        self.behaviour, self.replies = behaviour, {}
+
+    def get_node_ids(self):
+        return list(self.behaviour)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            if (reply := self.behaviour[msg.metadata.dst_node_id](msg)) is not None:
+                self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def _scores(*users):
+    def reply(msg):
+        records = {f"user:{u}": MetricRecord({"n": 2, "correct": 1, "history": 8}) for u in users}
+        return Message(RecordDict({"metrics": MetricRecord({"n": 2 * len(users)}), **records}), reply_to=msg)
+
+    return reply
+
+
+def _offline(msg):
+    reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msg)
+    reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node it found offline
+    return reply
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_evaluation_goes_on_without_the_nodes_that_fail_and_names_their_users(tmp_path):
+    config = load_run_config(overrides=[f'run-dir="{tmp_path}"', "evaluate-timeout=0.5"])
+    behaviour = {1: _scores("a", "b"), 2: _scores("c"), 3: _scores("d")}
+    federation = Federation(BroadcastGrid(behaviour), config)
+    assert set(federation.evaluate("zero-shot", None).users) == {"a", "b", "c", "d"}
+    behaviour.update({2: _offline, 3: lambda msg: None})  # node 3 never answers
+    evaluation = federation.evaluate("zero-shot", None)
+    assert set(evaluation.users) == {"a", "b"} and evaluation.overall["n"] == 4
+    assert evaluation.missing.users == ["c", "d"]
+    assert evaluation.missing.nodes == [
+        {"node": 2, "users": ["c"], "reason": "error: Node Unavailable"},
+        {"node": 3, "users": ["d"], "reason": "no reply within 0.5 s (evaluate-timeout)"},
+    ]
+
+
+def test_the_server_waits_for_min_nodes_saying_how_many_it_has(capsys):
+    class Arriving:
+        calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return [1] if self.calls < 3 else [1, 2]
+
+    assert wait_for_nodes(Arriving(), 2, timeout=30) == [1, 2]
+    assert "waiting for nodes: 1 of 2 connected" in capsys.readouterr().err
+    with pytest.raises(
+        NodesUnavailable, match=r"min-nodes = 3: only 1 node\(s\) connected after 0.5 s \(min-nodes-timeout\)"
+    ):
+        wait_for_nodes(Arriving(), 3, timeout=0.5)

@@ -28,7 +28,7 @@ from common.config import load_run_config
 from common.loaders import load_dataset
 from common.synthetic import BenchmarkConfig, make_benchmark, write_benchmark
 from common.tasks import get_task
-from simulations.engine import run_federation
+from simulations.engine import EngineOptions, run_federation
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -66,7 +66,7 @@ def attacked(tiny_run, tmp_path_factory):
         patch.setenv("FEDOPPU_NODE_POLICY", str(root / "policy.toml"))
         for name, overrides in configs.items():
             config = _config({**overrides, "run-dir": f'"{root / name}"'})
-            run_federation(config, 2, server_app="tests.malicious_server:app")
+            run_federation(config, 2, EngineOptions(server_app="tests.malicious_server:app"))
             seen[name] = json.loads((root / name / "attacks.json").read_text())
     return root, seen, _config({**valid, "run-dir": f'"{root / "valid"}"'})
 

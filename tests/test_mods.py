@@ -8,12 +8,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 
 from client.mods import (
     GuardedClientApp,
+    InvalidUpdate,
     PrivacyGuard,
     PrivacyViolation,
     ReplyRules,
+    UpdateCheckMod,
     audit_mod,
     check_reply,
     error_code_mod,
+    train_privacy_mods,
 )
 from client.policy import PolicyRefusal
 from common import protocol
@@ -192,3 +195,24 @@ def test_the_audit_log_records_replies_and_error_codes(tmp_path, monkeypatch):
     lines = [json.loads(line) for path in tmp_path.glob("*.jsonl") for line in path.read_text().splitlines()]
     assert lines[0]["metrics"] == {"metrics": {"n": "int"}} and lines[0]["error"] is None
     assert lines[1] == {"message_type": "evaluate", "error": protocol.NodeError.FAILED}
+
+
+def _handler(arrays):
+    return lambda msg, context: _reply(msg, arrays=arrays, metrics=MetricRecord({"num-examples": 1}))
+
+
+def test_under_secagg_a_client_does_not_send_an_update_that_fails_its_own_check():
+    check = UpdateCheckMod(max_norm=5.0)
+    msg = _incoming()
+    assert check(msg, None, _handler(_good_arrays())).content["arrays"]  # update norm 4
+    nan = ArrayRecord(
+        {"a.lora_A.weight": torch.ones(2, 4), "a.lora_B.weight": torch.full((4, 2), float("nan"))}
+    )
+    with pytest.raises(InvalidUpdate, match=r"not sent: a.lora_B.weight: 8 non-finite value\(s\)"):
+        check(msg, None, _handler(nan))
+    scaled = ArrayRecord({k: torch.full(tuple(v.shape), 10.0) for k, v in _good_arrays().items()})
+    with pytest.raises(InvalidUpdate, match="update norm 40 exceeds the bound 5"):
+        check(msg, None, _handler(scaled))
+    for setting in ("secagg", "secagg+dp"):
+        mods = train_privacy_mods(setting, 1.0, 0.2, max_update_norm=5.0)
+        assert [m.max_norm for m in mods if isinstance(m, UpdateCheckMod)] == [5.0]

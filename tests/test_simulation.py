@@ -1,4 +1,5 @@
-"""A whole federation with the tiny model: 2 clients, 2 rounds, every method, resume, privacy audit."""
+"""A whole federation with the tiny model: 2 clients, 2 rounds, every method, resume after the server
+was killed, privacy audit."""
 
 import csv
 import json
@@ -8,7 +9,9 @@ import pytest
 
 from common.config import load_run_config
 from common.io import read_json
+from simulations.engine import EngineOptions, FederationFailed
 from simulations.simulate import resume, simulate
+from tests import faults
 
 USERS = 2  # benchmark-users in the tiny_run fixture
 
@@ -97,17 +100,39 @@ def test_clients_send_only_the_shared_adapter_and_scalar_metrics(finished_run):
             assert reply["arrays"] == {}
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path):
-    run_dir = tmp_path / "run"
-    simulate(_config(tiny_run, run_dir, **{"num-rounds": 1, "methods": '"shared"'}), centralized=False)
-    recorded = read_json(run_dir / "config.json")
-    recorded["run_config"]["num-rounds"] = 2  # as if the run had been stopped after round 1 of 2
-    (run_dir / "config.json").write_text(json.dumps(recorded))
+def _train_replies(audit: Path) -> int:
+    """How many train replies the nodes sent (audit_mod logs every reply)."""
+    lines = [line for path in audit.glob("*.jsonl") for line in path.read_text().splitlines()]
+    return sum(json.loads(line)["message_type"] == "train" for line in lines)
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """The server is killed (SIGKILL) when round 2's updates arrive; resume trains round 2 and nothing
+    before it: round 1's checkpoint file, its record and its training stay as they were."""
+    run_dir, audit = tmp_path / "run", tmp_path / "audit"
+    monkeypatch.setenv("FEDOPPU_AUDIT_LOG", str(audit))
+    monkeypatch.setenv(faults.KILL_AT_ROUND, "2")
+    killing = EngineOptions(server_app="tests.faults:killed_server")
+    with pytest.raises(FederationFailed, match="exit code -9"):
+        simulate(_config(tiny_run, run_dir, methods='"shared"'), centralized=False, engine=killing)
+    killed = read_json(run_dir / "metrics.json")
+    assert killed["status"] == "running" and [r["round"] for r in killed["rounds"]] == [0, 1]
+    checkpoints = run_dir / "checkpoints"
+    assert read_json(checkpoints / "latest.json")["round"] == 1 and not (checkpoints / "round-0002").exists()
+    round_1 = checkpoints / "round-0001" / "adapter_model.safetensors"
+    before = (round_1.read_bytes(), round_1.stat().st_mtime_ns)
+    trained = _train_replies(audit)
+    assert trained == 2 * USERS  # rounds 1 and 2 trained; round 2 was lost with the server
+
     resume(run_dir)
     metrics = read_json(run_dir / "metrics.json")
+    assert metrics["status"] == "complete"
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
-    assert (run_dir / "checkpoints" / "round-0002").exists()
-    assert read_json(run_dir / "checkpoints" / "latest.json")["round"] == 2
+    assert metrics["rounds"][1] == killed["rounds"][1]  # round 1 not trained or recorded again
+    assert (round_1.read_bytes(), round_1.stat().st_mtime_ns) == before
+    assert _train_replies(audit) - trained == USERS  # one round of training: round 2
+    assert (checkpoints / "round-0002").exists()
+    assert read_json(checkpoints / "latest.json")["round"] == 2
 
 
 def test_the_same_seed_gives_the_same_numbers(tiny_run, finished_run, tmp_path):
