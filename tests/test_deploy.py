@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from client.commands import supernode_command
+from client.policy import node_secret, pseudonym
 from client.store import STATE_DIR
 from client.superexec import app_hash, trusting
 from common.flower_processes import DeployError
@@ -508,6 +509,12 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(20)
 
 
+def _pseudonyms(federation, index: int, scope: str) -> list[str]:
+    """The names node `index`'s users reach the server under (the default policy: pseudonyms)."""
+    secret = node_secret(federation.data[index] / STATE_DIR)
+    return sorted(pseudonym(secret, scope, user.user_id) for user in federation.users[index])
+
+
 def test_a_node_killed_while_training_is_dropped_and_its_users_come_back_on_resume(federation):
     """Failures on purpose, on one loopback deployment: the run waits for `min-nodes` before training,
     node-2 is killed (SIGKILL) while it trains, the round is aggregated from node-1, personalization and
@@ -546,9 +553,8 @@ def test_a_node_killed_while_training_is_dropped_and_its_users_come_back_on_resu
     _kill(federation.nodes[1])
     assert run.wait(600) == 0, procs.log("run-3")[-3000:]
 
-    node_1 = sorted(u.user_id for u in federation.users[0])
-    node_2 = sorted(u.user_id for u in federation.users[1])
     metrics = read_json(run_dir / "metrics.json")
+    node_1, node_2 = (_pseudonyms(federation, index, metrics["user_scope"]) for index in range(2))
     assert metrics["status"] == "complete"
     trained = metrics["rounds"][-1]
     assert trained["round"] == last + 1 and (trained["train"]["sampled"], trained["train"]["clients"]) == (
