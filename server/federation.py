@@ -394,4 +394,3 @@ class Federation:
 def _named_users(reply: Message) -> list[str]:
     """The users a reply reports on (an evaluate reply's `user:<name>` records)."""
     return sorted(user for name in reply.content.metric_records if (user := protocol.record_user(name)))
-
