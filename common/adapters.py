@@ -7,6 +7,7 @@ spec and the same draw (PEFT's LoRA init from a seed), so both sides import this
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import warnings
@@ -17,7 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from common.config import RunConfig
+from common.config import ALL_LAYERS, ConfigError, RunConfig
 from common.model import load_base_model, model_config
 
 StateDict = dict[str, torch.Tensor]
@@ -25,13 +26,15 @@ StateDict = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """The PEFT settings both adapters use (OPPU: LoRA r=8, alpha=8 on q_proj and v_proj)."""
+    """The PEFT settings both adapters use (OPPU: LoRA r=8, alpha=8 on q_proj and v_proj), and the
+    decoder layers they sit on (empty: every layer)."""
 
     peft_type: str = "lora"
     r: int = 8
     alpha: int = 8
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    layers: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, config: RunConfig) -> AdapterSpec:
@@ -41,7 +44,13 @@ class AdapterSpec:
             config.lora_alpha,
             config.lora_dropout,
             tuple(config.target_module_list),
+            adapted_layers(config.model, config.adapter_layers),
         )
+
+    @property
+    def first_layer(self) -> int:
+        """The lowest adapted decoder layer: everything below it is the frozen base model."""
+        return min(self.layers, default=0)
 
     def peft_config(self) -> LoraConfig:
         return LoraConfig(
@@ -49,6 +58,7 @@ class AdapterSpec:
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
+            layers_to_transform=list(self.layers) or None,
             use_dora=self.peft_type == "dora",
             task_type="CAUSAL_LM",
         )
@@ -56,6 +66,17 @@ class AdapterSpec:
     def answer_config(self) -> LoraConfig:
         """Shared and personal concatenated: rank 2r with alpha 2*alpha keeps the same alpha/r scale."""
         return dataclasses.replace(self, r=2 * self.r, alpha=2 * self.alpha).peft_config()
+
+
+@functools.cache
+def adapted_layers(model: str, setting: int | str) -> tuple[int, ...]:
+    """`adapter-layers` as layer indices: () for "all" (or K covering every layer), else the top K."""
+    if setting == ALL_LAYERS:
+        return ()
+    total = model_config(model).num_hidden_layers
+    if setting > total:
+        raise ConfigError(f"adapter-layers = {setting}, but model '{model}' has {total} decoder layers")
+    return () if setting == total else tuple(range(total - setting, total))
 
 
 def with_adapter(model: PreTrainedModel, spec: AdapterSpec, adapter_name: str = "default") -> PeftModel:

@@ -16,7 +16,9 @@ from common.cli import console
 
 
 def info_command(args: argparse.Namespace) -> int:
+    from common.config import AUTO
     from common.model import DEFAULT_MODEL, ModelNotFoundError, cache_root, cache_status, resolve_model
+    from common.precision import resolve_precision
 
     out = Console()
     out.print(f"[bold]fedoppu[/] {_version('fedoppu')} on Python {platform.python_version()}")
@@ -32,6 +34,9 @@ def info_command(args: argparse.Namespace) -> int:
     out.print(f"cache root     {cache_root()} (FEDOPPU_CACHE)")
     if source.cache_dir is not None:
         out.print(f"model cache    {source.cache_dir}: {cache_status(source)}")
+    precision = resolve_precision(AUTO, name)
+    out.print(f"precision      {precision.name} (bf16/fp32 speed {precision.speedup:.2f}x)")
+    out.print(f"               {precision.reason}")
     out.print(f"HF_HUB_OFFLINE {os.environ.get('HF_HUB_OFFLINE', '(unset)')}")
     return 0
 
