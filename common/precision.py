@@ -6,8 +6,9 @@ predicts this reliably (oneDNN's kernels change with torch versions), so `autoca
 times the model's own matmul shapes in both precisions (a few tens of milliseconds; a precision that
 turns out far slower is stopped after one call) and keeps the answer under `$FEDOPPU_CACHE/precision/`,
 keyed by the CPU's model and flags, torch's version and kernel level and the shapes. The probe runs
-on one thread: with 2 threads it scattered from 0.3x to 3.9x while other processes shared the cores,
-on one it held within 5% (1.6-1.9x here, 0.22-0.25x with AVX2 kernels), and the ratio is the core's.
+on one thread and counts that thread's CPU time: with 2 threads it scattered from 0.3x to 3.9x while
+other processes shared the cores; on one it held within 5% (1.6-1.9x here, 0.22-0.25x with AVX2
+kernels), and the ratio is the core's.
 """
 
 from __future__ import annotations
@@ -113,9 +114,11 @@ def probe_key(shapes: ProbeShapes) -> dict:
 
 
 def _seconds(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
+    """CPU seconds of this thread: time the scheduler gives other processes is not counted (a wall-clock
+    probe under a load of 10 on 2 cores measured bf16 at 0.8x here, where it is 1.6-1.9x)."""
+    start = time.thread_time()
     fn()
-    return time.perf_counter() - start
+    return time.thread_time() - start
 
 
 def measure_speedup(shapes: ProbeShapes, rows: int = PROBE_ROWS) -> float:
