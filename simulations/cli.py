@@ -4,15 +4,20 @@ from where they live (server/commands.py, client/commands.py, simulations' data 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import shlex
 import sys
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from rich.console import Console
 
-from common.cli import console
+from common.cli import Interrupted, console, sigterm_interrupts
+
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def info_command(args: argparse.Namespace) -> int:
@@ -55,7 +60,8 @@ def simulate_command(args: argparse.Namespace) -> int:
 
     engine = EngineOptions.from_args(args)
     if args.resume:
-        resume(args.resume, engine)
+        with resumable(Path(args.resume)):
+            resume(args.resume, engine)
         return 0
     overrides = list(args.set or [])
     centralized = False
@@ -64,8 +70,24 @@ def simulate_command(args: argparse.Namespace) -> int:
         overrides.append(f'methods="{methods}"')
     config = load_run_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, config.task or "data")
-    simulate(config.replace(run_dir=str(run_dir)), centralized=centralized, engine=engine)
+    with resumable(run_dir):
+        simulate(config.replace(run_dir=str(run_dir)), centralized=centralized, engine=engine)
     return 0
+
+
+@contextlib.contextmanager
+def resumable(run_dir: Path) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while a run goes on: its processes stop, and the command that resumes it is
+    what the user reads."""
+    try:
+        with sigterm_interrupts():
+            yield
+    except KeyboardInterrupt:
+        if (run_dir / "config.json").exists():
+            raise Interrupted(
+                f"resume it with: fedoppu simulate --resume {shlex.quote(str(run_dir))}"
+            ) from None
+        raise Interrupted("nothing was recorded yet; run the command again") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,11 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     from common.io import DataError
     from common.model import ModelNotFoundError
 
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # an interrupted compare-privacy repeats it
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelNotFoundError) as err:
         console.print(f"[red]error:[/] {err}")
         return 2
+    except Interrupted as err:
+        console.print(f"[yellow]interrupted:[/] {err}")
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return INTERRUPTED
 
 
 if __name__ == "__main__":
