@@ -22,8 +22,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.hidden import HIDDEN_DIR, HiddenStates, HiddenStore
-from client.hidden import users as hidden_users
+from client.hidden import HIDDEN_DIR, HiddenStates, HiddenStore, persisted
 from client.inference import answer_users
 from client.mods import audit_mod, privacy_guard_mod, privacy_layer_mod
 from client.resident import PERSONAL, SHARED, ResidentModel
@@ -95,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
     # Simulation numbers nodes by partition; a deployed node has only its node id.
     pid = int(context.node_config.get("partition-id", context.node_id))
     started = time.perf_counter()
-    with hidden_users(hidden, HiddenStore(node.state_dir / HIDDEN_DIR), per_user, bf16):
+    with persisted(hidden, HiddenStore(node.state_dir / HIDDEN_DIR), per_user, bf16):
         result = train_slot(
             resident,
             SHARED,
@@ -183,7 +182,7 @@ def personal_adapter(
     examples = ctx.examples(resident, rag=method.rag, profile=method.profile)
     bf16 = compute_precision(config).bf16
     hidden = hidden_states(resident, config.hidden_cache_mb)
-    with hidden_users(hidden, HiddenStore(state_dir / HIDDEN_DIR), {ctx.user.user_id: examples}, bf16):
+    with persisted(hidden, HiddenStore(state_dir / HIDDEN_DIR), {ctx.user.user_id: examples}, bf16):
         result = train_slot(
             resident,
             PERSONAL,

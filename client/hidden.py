@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
@@ -29,6 +29,7 @@ from client.resident import ResidentModel
 from common.io import atomic_write_bytes
 
 HIDDEN_DIR = "hidden-states"  # in the node's state directory
+_CHECKSUM = "sha256"  # of the tensors, in each file's metadata
 _BACKBONE_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 
 
@@ -111,6 +112,14 @@ def example_key(input_ids: Sequence[int]) -> str:
     return hashlib.sha256(torch.tensor(input_ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:32]
 
 
+def _checksum(states: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(states):
+        digest.update(key.encode())
+        digest.update(states[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A digest of the base weights (not the adapters') from a strided sample of every tensor: cheap,
     and a different model (or a changed one under the same name) gets different files."""
@@ -135,13 +144,18 @@ class HiddenStore:
         return self.root / hashlib.sha256(user_id.encode()).hexdigest()[:24]
 
     def read(self, user_id: str, variant: str) -> dict[str, torch.Tensor]:
-        """The user's stored states; a file that cannot be read is removed (and recomputed later)."""
+        """The user's stored states; a file that cannot be read or fails its checksum is removed (the
+        states are computed again)."""
         path = self.user_dir(user_id) / f"{variant}.safetensors"
         if not path.is_file():
             return {}
         try:
-            states = load_file(str(path))
+            with safe_open(str(path), framework="pt") as handle:
+                recorded = (handle.metadata() or {}).get(_CHECKSUM)
+                states = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
         except (OSError, SafetensorError, ValueError):
+            states, recorded = {}, None
+        if recorded is None or recorded != _checksum(states):
             path.unlink(missing_ok=True)
             return {}
         path.touch()  # recently used: evicted last
@@ -150,7 +164,8 @@ class HiddenStore:
     def write(self, user_id: str, variant: str, states: dict[str, torch.Tensor], limit_bytes: int) -> None:
         """Store the user's states, then remove the least recently used files beyond `limit_bytes`."""
         path = self.user_dir(user_id) / f"{variant}.safetensors"
-        atomic_write_bytes(path, save({k: v.contiguous() for k, v in states.items()}))
+        tensors = {key: tensor.contiguous() for key, tensor in states.items()}
+        atomic_write_bytes(path, save(tensors, metadata={_CHECKSUM: _checksum(tensors)}))
         self._evict(limit_bytes, keep=path)
 
     def delete(self, user_id: str) -> int:
@@ -277,7 +292,7 @@ class HiddenStates:
 
 
 @contextlib.contextmanager
-def users(
+def persisted(
     hidden: HiddenStates | None, store: HiddenStore, examples: dict[str, Sequence], bf16: bool
 ) -> Iterator[None]:
     """Training on these users' examples ({user id: examples}): their stored states are recalled

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from client.hidden import HiddenStates, HiddenStore, users
+from client.hidden import HiddenStates, HiddenStore, persisted
 from client.resident import SHARED, ResidentModel
 from client.training import collate, encode_example, shared_prefix_len, target_loss, train_slot
 from common.adapters import AdapterSpec, adapted_layers, clone_state
@@ -93,7 +93,7 @@ def test_states_reach_a_new_process_through_the_nodes_disk(tiny_model, tmp_path,
     examples = [e for user_examples in per_user.values() for e in user_examples]
     store = HiddenStore(tmp_path)
     first = HiddenStates(resident, limit_bytes=2**30)
-    with users(first, store, per_user, bf16=False):
+    with persisted(first, store, per_user, bf16=False):
         train_slot(
             resident, SHARED, examples, steps=2, batch_size=5, learning_rate=0.01, seed=0, hidden=first
         )
@@ -106,14 +106,20 @@ def test_states_reach_a_new_process_through_the_nodes_disk(tiny_model, tmp_path,
         raise AssertionError("recomputed states the node's disk holds")
 
     monkeypatch.setattr(fresh, "_compute", computed)
-    with users(fresh, store, per_user, bf16=False):
+    with persisted(fresh, store, per_user, bf16=False):
         train_slot(
             resident, SHARED, examples, steps=2, batch_size=5, learning_rate=0.01, seed=1, hidden=fresh
         )
     assert len(fresh) == len(examples)
-    path = store.user_dir("u1") / f"{variant}.safetensors"
-    path.write_bytes(path.read_bytes()[:-20])  # a damaged file is dropped, and recomputed later
-    assert store.read("u1", variant) == {} and not path.exists()
+    for user, damage in (("u1", "truncate"), ("u2", "flip")):  # a damaged file is dropped, then recomputed
+        path = store.user_dir(user) / f"{variant}.safetensors"
+        data = bytearray(path.read_bytes())
+        if damage == "truncate":
+            data = data[:-20]
+        else:
+            data[-7] ^= 0x01
+        path.write_bytes(bytes(data))
+        assert store.read(user, variant) == {} and not path.exists()
     assert HiddenStates(resident, limit_bytes=2**30).variant(bf16=False) == variant  # same model, same files
 
 
