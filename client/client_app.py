@@ -141,9 +141,10 @@ def personalize(msg: Message, context: Context) -> Message:
         if stored and (stored[0].shared_digest, stored[0].data_fingerprint) == (shared_digest, fingerprint):
             reused += 1
             continue
-        state, loss = personal_adapter(
-            config, resident, ctx, method, stored[1] if stored else None, node.state_dir
-        )
+        # A stored adapter of another layout (e.g. from a run with other adapter-layers) cannot be
+        # continued: the user starts afresh.
+        start = stored[1] if stored and resident.mismatch(PERSONAL, stored[1]) is None else None
+        state, loss = personal_adapter(config, resident, ctx, method, start, node.state_dir)
         store.save(
             method.name,
             ctx.user.user_id,

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from client.hidden import HiddenStates, HiddenStore, persisted
 from client.resident import SHARED, ResidentModel
@@ -156,3 +157,37 @@ def test_bf16_states_are_kept_apart_from_fp32_ones(tiny_model):
     assert len(hidden) == 2 * len(examples) and hidden.variant(True) != hidden.variant(False)
     assert fp32.dtype == bf16.dtype == torch.float32  # the adapted layers' residual stream stays fp32
     assert torch.allclose(fp32, bf16, atol=0.05) and not torch.equal(fp32, bf16)
+
+
+def test_a_stored_adapter_on_other_layers_is_retrained_from_scratch(
+    tiny_model_dir, tmp_path, flower_identity
+):
+    """A node keeps users' adapters across runs; one from a run with other adapter-layers cannot be
+    continued by a run with adapters on the top layer, so the user starts from a fresh adapter."""
+    from flwr.app import Context, RecordDict
+
+    from client import client_app
+    from client.store import PersonalAdapterStore
+    from common import protocol
+    from common.config import load_run_config
+
+    overrides = [
+        f'model="{tiny_model_dir}"',
+        "adapter-layers=1",
+        "benchmark-users=1",
+        f'run-dir="{tmp_path}"',
+    ]
+    config = load_run_config(overrides=[*overrides, "benchmark-min-history=8", "benchmark-max-history=8"])
+    context = Context(1, 1, {"partition-id": 0}, RecordDict(), config.to_flower())
+    _, resident, node = client_app.setup(context)
+    every_layer = ResidentModel(tiny_llama(resident.tokenizer), resident.tokenizer, AdapterSpec())
+    store = PersonalAdapterStore(node.state_dir)
+    user = node.contexts[0].user.user_id
+    old = every_layer.fresh(SHARED, 0)
+    store.save("local", user, old, every_layer.spec.peft_config(), shared_digest="old", data_fingerprint="x")
+    assert resident.mismatch("personal", old) is not None
+    (message,) = protocol.requests(protocol.PERSONALIZE, [1], method="local")
+    reply = client_app.personalize(message, context)
+    assert reply.content[protocol.METRICS]["users-trained"] == 1
+    assert set(store.load("local", user)[1]) == set(resident.state("personal"))
+    assert list((node.state_dir / "hidden-states").glob("*/*.safetensors"))  # kept for the next message
