@@ -41,9 +41,9 @@ from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import PersonalAdapterStore
 from client.training import Example, bucketed_batches, collate, encode_example, shared_prefix_len, train_slot
 from common import protocol
-from common.adapters import AdapterSpec, StateDict, adapted_layers, initial_adapter
-from common.config import ALL_LAYERS, PROJECT_DIR, RunConfig, load_run_config
-from common.model import DEFAULT_MODEL, load_base_model
+from common.adapters import AdapterSpec, StateDict, initial_adapter
+from common.config import PROJECT_DIR, RunConfig, load_run_config
+from common.model import load_base_model
 from common.precision import Precision, compute_precision, cpu_description
 from common.prompts import build_prompt, target_text
 from common.synthetic import BenchmarkConfig, make_benchmark
@@ -252,28 +252,28 @@ def bench_client_update(config: RunConfig, precision: Precision) -> None:
     )
 
 
-def bench_personal_user(precision: Precision, top_layers: int | str) -> None:
-    """One user with 64 history items, 4 epochs (32 steps of 8): adapters on every layer (the only
-    path before adapter-layers) against the top layers, with the states below them computed in the
-    same call (a user personalized first) and already known (after the shared rounds trained on them)."""
+def bench_personal_user(config: RunConfig, precision: Precision) -> None:
+    """One user with 64 history items, 4 epochs (32 steps of 8): OPPU's adapters (LoRA on q_proj and
+    v_proj of every layer, the only layout before adapter-layers) against the run config's, with the
+    states below the adapted layers computed in the same call (a user personalized first) and already
+    known (after the shared rounds trained on the same prompts, as in a run)."""
     console.rule(f"personalizing one 64-item user, 4 epochs of batch 8, {precision.name}")
-    if top_layers == ALL_LAYERS:
-        console.print('  adapter-layers = "all": no top-layer adapters to compare')
+    ours = AdapterSpec.from_config(config)
+    if not ours.layers:
+        console.print('  adapter-layers = "all": no adapters on the top layers to compare')
         return
+    dataset = make_benchmark(BenchmarkConfig(num_users=1, min_history=64, max_history=64))
+    task = get_task(dataset.task)
     seconds = {}
-    for layers in (ALL_LAYERS, top_layers):
+    for name, spec in (("every layer", AdapterSpec()), ("top layers", ours)):
         model, tokenizer = load_base_model()
-        config_layers = adapted_layers(DEFAULT_MODEL, layers)
-        resident = ResidentModel(model, tokenizer, AdapterSpec(layers=config_layers))
-        dataset = make_benchmark(BenchmarkConfig(num_users=1, min_history=64, max_history=64))
-        task = get_task(dataset.task)
+        resident = ResidentModel(model, tokenizer, spec)
         data = [
             encode_example(tokenizer, build_prompt(task, item.input), target_text(task, item), 320)
             for item in dataset.users[0].history
         ]
-        hidden = HiddenStates(resident, 2**30) if config_layers else None
-        runs = ("cold", "warm") if hidden is not None else ("cold",)
-        for run in runs:
+        hidden = HiddenStates(resident, 2**30) if spec.layers else None
+        for run in ("cold", "warm") if hidden is not None else ("cold",):
             resident.load(PERSONAL, resident.fresh(PERSONAL, 0))
             resident.use(personal=True)
             started = time.perf_counter()
@@ -283,24 +283,25 @@ def bench_personal_user(precision: Precision, top_layers: int | str) -> None:
                 data,
                 steps=32,
                 batch_size=8,
-                learning_rate=2e-3,
+                learning_rate=config.personal_learning_rate,
                 seed=0,
                 autocast_bf16=precision.bf16,
                 hidden=hidden,
             )
-            seconds[(layers, run)] = time.perf_counter() - started
+            seconds[(name, run)] = time.perf_counter() - started
         del model, resident
-    every = seconds[(ALL_LAYERS, "cold")]
-    report("personalize a 64-item user s, adapters on every layer", f"{every:.1f}")
+    every = seconds[("every layer", "cold")]
+    report("personalize a 64-item user s, LoRA on q_proj, v_proj of every layer", f"{every:.1f}")
+    layout = f"adapter-layers = {config.adapter_layers}, {config.target_modules}"
     report(
-        f"  adapter-layers = {top_layers}, states below computed in the call",
-        f"{seconds[(top_layers, 'cold')]:.1f}",
-        f"= {every / seconds[(top_layers, 'cold')]:.1f}x faster",
+        f"  {layout}, states below computed in the call",
+        f"{seconds[('top layers', 'cold')]:.1f}",
+        f"= {every / seconds[('top layers', 'cold')]:.1f}x faster",
     )
     report(
-        f"  adapter-layers = {top_layers}, states below already known (target >= 3x)",
-        f"{seconds[(top_layers, 'warm')]:.1f}",
-        f"= {every / seconds[(top_layers, 'warm')]:.1f}x faster",
+        f"  {layout}, states below already known (target >= 3x)",
+        f"{seconds[('top layers', 'warm')]:.1f}",
+        f"= {every / seconds[('top layers', 'warm')]:.1f}x faster",
     )
 
 
@@ -383,10 +384,13 @@ def bench_answering(resident, task, dataset, bf16: bool) -> None:
     )
 
 
-def bench_wire(resident, model_bytes: int) -> None:
-    console.rule("wire")
+def bench_wire(config: RunConfig, model_bytes: int) -> None:
+    console.rule(
+        f"wire: the shared adapter on {config.target_modules}, adapter-layers = {config.adapter_layers}"
+    )
+    shared = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-        size = sum(t.to(dtype).numel() * t.to(dtype).element_size() for t in resident.state(SHARED).values())
+        size = sum(t.numel() * dtype.itemsize for t in shared.values())
         report(
             f"shared adapter bytes/client/round {name}",
             f"{size / 1e6:.2f} MB",
@@ -517,10 +521,10 @@ def main() -> int:
     resident = ResidentModel(model, tokenizer, spec)
     bench_training(resident, data, flops, peaks, ["fp32", "bf16"] if precision.bf16 else ["fp32"])
     bench_client_update(config, precision)
-    bench_personal_user(precision, config.adapter_layers)
+    bench_personal_user(config, precision)
     bench_personalization(resident, data, spec, precision.bf16)
     bench_answering(resident, task, dataset, precision.bf16)
-    bench_wire(resident, model_bytes)
+    bench_wire(config, model_bytes)
     if not args.skip_simulate:
         bench_first_round()
     if args.against:
