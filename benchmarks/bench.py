@@ -15,7 +15,6 @@ times two whole default `fedoppu simulate` runs, at COMMIT and here.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -221,7 +220,9 @@ def bench_client_update(config: RunConfig, precision: Precision) -> None:
         node = client_app.setup(context)[2]
     user = node.contexts[0]
     texts = [build_prompt(user.task, item.input) + target_text(user.task, item) for item in user.user.history]
-    peer_spec = dataclasses.replace(spec, layers=())  # the template adapts every layer
+    # The template's LoraConfig names no target modules: peft's default for llama, q_proj and v_proj,
+    # on every layer.
+    peer_spec = AdapterSpec(r=spec.r, alpha=spec.alpha)
     _, peer = flowertune_client_update(
         config.model,
         peer_spec,
