@@ -147,16 +147,20 @@ def test_memory_and_disk_are_bounded_by_size(tiny_model, tmp_path):
     ]
 
 
-def test_bf16_states_are_kept_apart_from_fp32_ones(tiny_model):
+def test_bf16_states_are_kept_apart_from_fp32_ones_and_give_the_bf16_loss(tiny_model):
     resident = _top_layer_resident(tiny_model)
     examples = _examples(resident.tokenizer)
-    ids, attention, _ = collate(examples, resident.tokenizer.pad_token_id)
+    ids, attention, mask = collate(examples, resident.tokenizer.pad_token_id)
     hidden = HiddenStates(resident, limit_bytes=2**30)
     fp32 = hidden.inputs(resident, examples, ids, attention, bf16=False)
     bf16 = hidden.inputs(resident, examples, ids, attention, bf16=True)
     assert len(hidden) == 2 * len(examples) and hidden.variant(True) != hidden.variant(False)
-    assert fp32.dtype == bf16.dtype == torch.float32  # the adapted layers' residual stream stays fp32
+    assert fp32.dtype == bf16.dtype == torch.float32  # the residual stream stays fp32 under autocast
     assert torch.allclose(fp32, bf16, atol=0.05) and not torch.equal(fp32, bf16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = target_loss(resident, ids, attention, mask)
+        cached = target_loss(resident, ids, attention, mask, inputs=bf16)
+    assert torch.allclose(cached, whole, atol=1e-5, rtol=0)
 
 
 def test_a_stored_adapter_on_other_layers_is_retrained_from_scratch(
