@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from common.config import ALL_LAYERS, ConfigError, RunConfig
+from common.config import ALL_LAYERS, RunConfig
 from common.model import load_base_model, model_config
 
 StateDict = dict[str, torch.Tensor]
@@ -70,13 +70,12 @@ class AdapterSpec:
 
 @functools.cache
 def adapted_layers(model: str, setting: int | str) -> tuple[int, ...]:
-    """`adapter-layers` as layer indices: () for "all" (or K covering every layer), else the top K."""
+    """`adapter-layers` as layer indices: the top K, or () (every layer) for "all" and for a model
+    with K decoder layers or fewer."""
     if setting == ALL_LAYERS:
         return ()
     total = model_config(model).num_hidden_layers
-    if setting > total:
-        raise ConfigError(f"adapter-layers = {setting}, but model '{model}' has {total} decoder layers")
-    return () if setting == total else tuple(range(total - setting, total))
+    return () if setting >= total else tuple(range(total - setting, total))
 
 
 def with_adapter(model: PreTrainedModel, spec: AdapterSpec, adapter_name: str = "default") -> PeftModel:

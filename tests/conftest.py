@@ -132,4 +132,5 @@ def tiny_run(tiny_model_dir) -> dict:
         "local-steps": 2,
         "batch-size": 4,
         "personal-epochs": 0.5,
+        "adapter-layers": 1,  # the top layer of two: federations exercise the states kept below it
     }

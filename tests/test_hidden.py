@@ -3,7 +3,6 @@ but the time (fp32: the same loss and gradients as the whole model), in memory a
 
 import os
 
-import pytest
 import torch
 from conftest import tiny_llama
 
@@ -11,7 +10,6 @@ from client.hidden import HiddenStates, HiddenStore, persisted
 from client.resident import SHARED, ResidentModel
 from client.training import collate, encode_example, shared_prefix_len, target_loss, train_slot
 from common.adapters import AdapterSpec, adapted_layers, clone_state
-from common.config import ConfigError
 
 INSTRUCTION = "Which tag does this movie relate to among the following tags? tags: [a, b, c] description:"
 
@@ -40,9 +38,8 @@ def test_adapters_sit_on_the_top_layers_only(tiny_model, tiny_model_dir):
     assert resident.spec.first_layer == 1
     assert all(".layers.1." in key for key in resident.state(SHARED))
     assert adapted_layers(str(tiny_model_dir), 1) == (1,)
-    assert adapted_layers(str(tiny_model_dir), 2) == adapted_layers(str(tiny_model_dir), "all") == ()
-    with pytest.raises(ConfigError, match=r"adapter-layers = 3, but model .* has 2 decoder layers"):
-        adapted_layers(str(tiny_model_dir), 3)
+    assert adapted_layers(str(tiny_model_dir), "all") == ()
+    assert adapted_layers(str(tiny_model_dir), 2) == adapted_layers(str(tiny_model_dir), 8) == ()  # all 2
 
 
 def test_cached_states_give_the_whole_models_loss_and_gradients(tiny_model):
