@@ -26,8 +26,9 @@ StateDict = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """The PEFT settings both adapters use (OPPU: LoRA r=8, alpha=8 on q_proj and v_proj), and the
-    decoder layers they sit on (empty: every layer)."""
+    """The PEFT settings both adapters use and the decoder layers they sit on (empty: every layer).
+    The defaults here are OPPU's paper (LoRA r=8, alpha=8 on q_proj and v_proj of every layer); a
+    run's come from its config (`AdapterSpec.from_config`)."""
 
     peft_type: str = "lora"
     r: int = 8
