@@ -1,11 +1,15 @@
 """`make bench`: this machine's own limits, and fedoppu's hot paths measured against them.
 
-Prints ratios measured in one run (absolute times are noisy on shared machines): training tokens/s as
-a percentage of the measured matmul peak (4*N FLOPs per trained token: forward plus the activation
-gradients; LoRA needs no weight gradients of the base), the optimized path against the naive one,
-personalization cost per user at 10 and 100 users, mixed-batch against per-user answering, wire bytes
-against the model's size, memory with 100 users' adapters, and the time until the first round starts.
-With `--against COMMIT` it also times two whole default `fedoppu simulate` runs, at COMMIT and here.
+Prints ratios measured in one run (absolute times are noisy on shared machines): the precision
+`autocast-bf16 = "auto"` picks here and why, training tokens/s as a percentage of the measured matmul
+peak (4*N FLOPs per trained token: forward plus the activation gradients; LoRA needs no weight
+gradients of the base), the optimized path against the naive one, one client update against the same
+update done the way Flower's FlowerTune LLM template does it, one 64-item user's personalization with
+adapters on the top layers against every layer, personalization cost per user at 10 and 100 users,
+mixed-batch against per-user answering, wire bytes against the model's size, memory with 100 users'
+adapters, and the time until the first round starts. A precision this CPU runs slowly is measured
+briefly and skipped after, so the bench takes minutes on every CPU. With `--against COMMIT` it also
+times two whole default `fedoppu simulate` runs, at COMMIT and here.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -26,22 +29,31 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.flowertune import flowertune_client_update
+from client.hidden import HiddenStates
 from client.inference import answer_users, generate_answers
 from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import PersonalAdapterStore
 from client.training import Example, bucketed_batches, collate, encode_example, shared_prefix_len, train_slot
-from common.adapters import AdapterSpec
-from common.config import PROJECT_DIR
+from common import protocol
+from common.adapters import AdapterSpec, StateDict, initial_adapter
+from common.config import PROJECT_DIR, RunConfig, load_run_config
 from common.model import load_base_model
+from common.precision import Precision, compute_precision, cpu_description
 from common.prompts import build_prompt, target_text
 from common.synthetic import BenchmarkConfig, make_benchmark
 from common.tasks import get_task
 
 console = Console()
 ROWS: list[tuple[str, str, str]] = []
+SLOW_CALL_SECONDS = 1.0
+# A simulated client gets one core (Ray's default for a task of one CPU): the paths are timed so, and
+# one thread is also what keeps timings steady while other processes share the cores.
+CLIENT_THREADS = 1
 
 
 def report(what: str, value: str, ratio: str = "") -> None:
@@ -58,27 +70,18 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
-def cpu_description() -> str:
-    """The CPU and the instruction sets that set its matmul peak (AMX: bf16 ~6x fp32; AVX512_BF16: ~2x)."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    name = next(
-        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor()
-    )
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    isa = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{name} ({', '.join(isa) or 'ISA unknown'})"
-
-
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096)) -> tuple[float, int]:
-    """Best FLOP/s of square matmuls over a few sizes, after warm-up calls (oneDNN picks its kernel on
-    the first ones). Returns (FLOP/s, size)."""
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096)) -> tuple[float, int]:
+    """Best FLOP/s of square matmuls over growing sizes, after a warm-up call (oneDNN picks its kernel
+    on the first ones). A call over a second ends the growth: a precision this CPU has no fast kernels
+    for (bf16 at ~1 GFLOP/s without AVX512_BF16) is measured on one size, in seconds. Returns
+    (FLOP/s, size)."""
     best = (0.0, 0)
     for size in sizes:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        best = max(best, (2 * size**3 / best_of(functools.partial(torch.matmul, a, b), 8), size))
+        warm_up = best_of(functools.partial(torch.matmul, a, b), 1)
+        if warm_up > SLOW_CALL_SECONDS:
+            return max(best, (2 * size**3 / warm_up, size))
+        best = max(best, (2 * size**3 / best_of(functools.partial(torch.matmul, a, b), 4), size))
     return best
 
 
@@ -140,13 +143,13 @@ def flop_count(model) -> FlopCount:
     )
 
 
-def bench_training(resident, data, flops: FlopCount, peaks: dict[str, float]) -> None:
+def bench_training(resident, data, flops: FlopCount, peaks: dict[str, float], precisions: list[str]) -> None:
     console.rule("training (LoRA r=8 on q_proj, v_proj; batch 8)")
     resident.load(SHARED, resident.fresh(SHARED, 0))
     lengths = [len(e.input_ids) for e in data]
     batches = [[data[i] for i in b] for b in bucketed_batches(lengths, batch_size=8, steps=6, seed=1)]
-    for autocast in (False, True):
-        name = "bf16" if autocast else "fp32"
+    for name in precisions:
+        autocast = name == "bf16"
         train_slot(
             resident, SHARED, data, steps=1, batch_size=8, learning_rate=1e-3, seed=0, autocast_bf16=autocast
         )
@@ -170,14 +173,140 @@ def bench_training(resident, data, flops: FlopCount, peaks: dict[str, float]) ->
         convention = 100 * flops.convention(result.tokens) / seconds / peaks[name]
         executed = 100 * flops.executed(batches) / seconds / peaks[name]
         report(
-            f"train tokens/s {name}",
+            f"train tokens/s {name}, adapters on every layer",
             f"{rate:,.0f}",
             f"= {convention:.0f}% of {name} peak at 4*N FLOPs per example token, {executed:.0f}% "
             f"counting the FLOPs executed; {rate / naive:.2f}x naive ({naive:,.0f})",
         )
 
 
-def bench_personalization(resident, data, spec) -> None:
+def _train_message(state: StateDict, server_round: int) -> Message:
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord({k: v.float() for k, v in state.items()}),
+            protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: server_round}),
+        }
+    )
+    return Message(content, dst_node_id=1, message_type=protocol.TRAIN)
+
+
+def bench_client_update(config: RunConfig, precision: Precision) -> None:
+    """fedoppu's ClientApp `train` handler against a FlowerTune-style client on the same client (the
+    default demo's partition 0), the same adapter, steps, batch size and learning rate."""
+    console.rule(
+        f"one client update: {config.local_steps} steps of batch {config.batch_size}, {config.task}, "
+        f"{precision.name}, adapter-layers = {config.adapter_layers}"
+    )
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client import client_app
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    spec = AdapterSpec.from_config(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = config.replace(run_dir=tmp, autocast_bf16=precision.bf16)
+        context = Context(1, 1, {"partition-id": 0}, RecordDict(), config.to_flower())
+        start = initial_adapter(config.model, config.dtype, spec, config.seed)
+        seconds = {}
+        for server_round, label in ((1, "first"), (2, "later"), (3, "deployed")):
+            if label == "deployed":  # as a deployed node's new ClientApp process: nothing in memory
+                for cached in (client_app.resident_model, client_app.hidden_states, client_app._node):
+                    cached.cache_clear()
+            started = time.perf_counter()
+            reply = client_app.train(_train_message(start, server_round), context)
+            seconds[label] = time.perf_counter() - started
+        loss = reply.content[protocol.METRICS]["train-loss"]
+        node = client_app.setup(context)[2]
+    user = node.contexts[0]
+    texts = [build_prompt(user.task, item.input) + target_text(user.task, item) for item in user.user.history]
+    # The template's LoraConfig names no target modules: peft's default for llama, q_proj and v_proj,
+    # on every layer.
+    peer_spec = AdapterSpec(r=spec.r, alpha=spec.alpha)
+    _, peer = flowertune_client_update(
+        config.model,
+        peer_spec,
+        initial_adapter(config.model, config.dtype, peer_spec, config.seed),
+        texts,
+        steps=config.local_steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        max_len=config.max_seq_len,
+        bf16=precision.bf16,
+        seed=config.seed,
+    )
+    report("FlowerTune-style client update s (model load + Trainer, loss on every token)", f"{peer:.1f}")
+    report(
+        "fedoppu client update s, first round in this process (model load, states below the adapters computed)",
+        f"{seconds['first']:.1f}",
+        f"= {peer / seconds['first']:.1f}x faster than FlowerTune-style",
+    )
+    report(
+        "fedoppu client update s, a later round (target >= 5x)",
+        f"{seconds['later']:.1f}",
+        f"= {peer / seconds['later']:.1f}x faster than FlowerTune-style (train loss {loss:.3f})",
+    )
+    report(
+        "fedoppu client update s, a later round in a new process (model load, states from the node's disk)",
+        f"{seconds['deployed']:.1f}",
+        f"= {peer / seconds['deployed']:.1f}x faster than FlowerTune-style",
+    )
+
+
+def bench_personal_user(config: RunConfig, precision: Precision) -> None:
+    """One user with 64 history items, 4 epochs (32 steps of 8): OPPU's adapters (LoRA on q_proj and
+    v_proj of every layer, the only layout before adapter-layers) against the run config's, with the
+    states below the adapted layers computed in the same call (a user personalized first) and already
+    known (after the shared rounds trained on the same prompts, as in a run)."""
+    console.rule(f"personalizing one 64-item user, 4 epochs of batch 8, {precision.name}")
+    ours = AdapterSpec.from_config(config)
+    if not ours.layers:
+        console.print('  adapter-layers = "all": no adapters on the top layers to compare')
+        return
+    dataset = make_benchmark(BenchmarkConfig(num_users=1, min_history=64, max_history=64))
+    task = get_task(dataset.task)
+    seconds = {}
+    for name, spec in (("every layer", AdapterSpec()), ("top layers", ours)):
+        model, tokenizer = load_base_model()
+        resident = ResidentModel(model, tokenizer, spec)
+        data = [
+            encode_example(tokenizer, build_prompt(task, item.input), target_text(task, item), 320)
+            for item in dataset.users[0].history
+        ]
+        hidden = HiddenStates(resident, 2**30) if spec.layers else None
+        for run in ("cold", "warm") if hidden is not None else ("cold",):
+            resident.load(PERSONAL, resident.fresh(PERSONAL, 0))
+            resident.use(personal=True)
+            started = time.perf_counter()
+            train_slot(
+                resident,
+                PERSONAL,
+                data,
+                steps=32,
+                batch_size=8,
+                learning_rate=config.personal_learning_rate,
+                seed=0,
+                autocast_bf16=precision.bf16,
+                hidden=hidden,
+            )
+            seconds[(name, run)] = time.perf_counter() - started
+        del model, resident
+    every = seconds[("every layer", "cold")]
+    report("personalize a 64-item user s, LoRA on q_proj, v_proj of every layer", f"{every:.1f}")
+    layout = f"adapter-layers = {config.adapter_layers}, {config.target_modules}"
+    report(
+        f"  {layout}, states below computed in the call",
+        f"{seconds[('top layers', 'cold')]:.1f}",
+        f"= {every / seconds[('top layers', 'cold')]:.1f}x faster",
+    )
+    report(
+        f"  {layout}, states below already known (target >= 3x)",
+        f"{seconds[('top layers', 'warm')]:.1f}",
+        f"= {every / seconds[('top layers', 'warm')]:.1f}x faster",
+    )
+
+
+def bench_personalization(resident, data, spec, bf16: bool) -> None:
     """Per-user cost (load stored adapter, swap into the slot, 1 train step, save) with 10 and with 100
     users on the node: weight copy into one slot and a manifest keep it flat as users accumulate."""
     console.rule("personalization cost per user, 10 vs 100 users on the node")
@@ -206,7 +335,7 @@ def bench_personalization(resident, data, spec) -> None:
                     batch_size=2,
                     learning_rate=1e-3,
                     seed=user,
-                    autocast_bf16=True,
+                    autocast_bf16=bf16,
                 )
                 store.save(
                     "oppu",
@@ -233,11 +362,11 @@ def bench_personalization(resident, data, spec) -> None:
         )
 
 
-def bench_answering(resident, task, dataset) -> None:
+def bench_answering(resident, task, dataset, bf16: bool) -> None:
     console.rule("answering: 8 users x 4 queries, each user with a personal adapter")
     prompts = [[build_prompt(task, q.input) for q in user.queries[:4]] for user in dataset.users[:8]]
     states = [resident.fresh(PERSONAL, u) for u in range(8)]
-    options = {"max_new_tokens": task.max_new_tokens, "max_prompt_tokens": 320, "autocast_bf16": True}
+    options = {"max_new_tokens": task.max_new_tokens, "max_prompt_tokens": 320, "autocast_bf16": bf16}
     mixed = best_of(lambda: answer_users(resident, prompts, states, **options), 2)
 
     def loop():
@@ -256,10 +385,13 @@ def bench_answering(resident, task, dataset) -> None:
     )
 
 
-def bench_wire(resident, model_bytes: int) -> None:
-    console.rule("wire")
+def bench_wire(config: RunConfig, model_bytes: int) -> None:
+    console.rule(
+        f"wire: the shared adapter on {config.target_modules}, adapter-layers = {config.adapter_layers}"
+    )
+    shared = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-        size = sum(t.to(dtype).numel() * t.to(dtype).element_size() for t in resident.state(SHARED).values())
+        size = sum(t.numel() * dtype.itemsize for t in shared.values())
         report(
             f"shared adapter bytes/client/round {name}",
             f"{size / 1e6:.2f} MB",
@@ -364,21 +496,36 @@ def main() -> int:
         f"this machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     console.print(f"  CPU: {cpu_description()}")
-    peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        peaks[name], size = matmul_peak(dtype)
-        ratio = f"= {peaks['bf16'] / peaks['fp32']:.1f}x fp32" if name == "bf16" else ""
-        report(f"matmul peak {name} (best of {size}^2)", f"{peaks[name] / 1e9:,.0f} GFLOP/s", ratio)
+    config = load_run_config()
+    precision = compute_precision(config)
+    report("precision (autocast-bf16 = auto)", precision.name, f"bf16 measured {precision.speedup:.2f}x fp32")
+    console.print(f"  {precision.reason}")
+    peaks: dict[str, float] = {}
+    for threads in sorted({torch.get_num_threads(), CLIENT_THREADS}, reverse=True):
+        torch.set_num_threads(threads)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            peaks[name], size = matmul_peak(dtype)
+            ratio = f"= {peaks['bf16'] / peaks['fp32']:.1f}x fp32" if name == "bf16" else ""
+            if name == "bf16" and not precision.bf16:
+                ratio += " (bf16 is not used here: measured briefly, bf16 training skipped below)"
+            report(
+                f"matmul peak {name}, {threads} thread(s) (best of {size}^2)",
+                f"{peaks[name] / 1e9:,.0f} GFLOP/s",
+                ratio,
+            )
+    console.print(f"  fedoppu's paths below run as a simulated client does: {CLIENT_THREADS} thread")
     model, tokenizer = load_base_model()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     spec = AdapterSpec()
     task, dataset, data = examples(tokenizer)
     flops = flop_count(model)
     resident = ResidentModel(model, tokenizer, spec)
-    bench_training(resident, data, flops, peaks)
-    bench_personalization(resident, data, spec)
-    bench_answering(resident, task, dataset)
-    bench_wire(resident, model_bytes)
+    bench_training(resident, data, flops, peaks, ["fp32", "bf16"] if precision.bf16 else ["fp32"])
+    bench_client_update(config, precision)
+    bench_personal_user(config, precision)
+    bench_personalization(resident, data, spec, precision.bf16)
+    bench_answering(resident, task, dataset, precision.bf16)
+    bench_wire(config, model_bytes)
     if not args.skip_simulate:
         bench_first_round()
     if args.against:

@@ -22,10 +22,12 @@ import math
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from client.hidden import HIDDEN_DIR, HiddenStates, HiddenStore, persisted
 from client.inference import answer_users
 from client.mods import GuardedClientApp, PrivacyGuard, ReplyRules, audit_mod, privacy_layer_mod
 from client.policy import (
@@ -47,6 +49,7 @@ from common.config import RunConfig
 from common.methods import METHODS, Method
 from common.metrics import merge_counts, metric_counts
 from common.model import load_base_model
+from common.precision import compute_precision
 from common.profiles import history_fingerprint
 
 WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -57,6 +60,12 @@ def resident_model(model: str, dtype: str, spec: AdapterSpec) -> ResidentModel:
     """The base model, loaded once per process and reused by every round, user and method."""
     base, tokenizer = load_base_model(model, dtype)
     return ResidentModel(base, tokenizer, spec)
+
+
+@functools.lru_cache(maxsize=1)
+def hidden_states(resident: ResidentModel, limit_mb: int) -> HiddenStates | None:
+    """The states below the adapters, kept for the life of the process; None with adapters on every layer."""
+    return HiddenStates(resident, limit_mb * 2**20) if resident.spec.first_layer else None
 
 
 @functools.lru_cache(maxsize=256)  # a simulation worker serves many partitions, every round
@@ -155,22 +164,27 @@ def train(msg: Message, context: Context) -> Message:
     )
     ledger = PrivacyLedger(node.state_dir)
     ledger.admit(node.policy, msg.metadata.run_id, server_round, config.privacy, multiplier)
-    examples = [e for ctx in node.contexts for e in ctx.examples(resident, rag=False, profile=False)]
+    per_user = {ctx.user.user_id: ctx.examples(resident, rag=False, profile=False) for ctx in node.contexts}
+    examples = [e for user_examples in per_user.values() for e in user_examples]
+    bf16 = compute_precision(config).bf16
+    hidden = hidden_states(resident, config.hidden_cache_mb)
     # Simulation numbers nodes by partition; a deployed node has only its node id.
     pid = int(context.node_config.get("partition-id", context.node_id))
     started = time.perf_counter()
-    result = train_slot(
-        resident,
-        SHARED,
-        examples,
-        steps=config.local_steps,
-        batch_size=config.batch_size,
-        micro_batch_size=config.micro_batch_size,
-        learning_rate=config.learning_rate,
-        seed=config.seed * 100_003 + server_round * 7_919 + pid,
-        autocast_bf16=config.autocast_bf16,
-        proximal_mu=float(protocol.config_value(msg, protocol.PROXIMAL_MU, 0.0)),
-    )
+    with persisted(hidden, HiddenStore(node.state_dir / HIDDEN_DIR), per_user, bf16):
+        result = train_slot(
+            resident,
+            SHARED,
+            examples,
+            steps=config.local_steps,
+            batch_size=config.batch_size,
+            micro_batch_size=config.micro_batch_size,
+            learning_rate=config.learning_rate,
+            seed=config.seed * 100_003 + server_round * 7_919 + pid,
+            autocast_bf16=bf16,
+            proximal_mu=float(protocol.config_value(msg, protocol.PROXIMAL_MU, 0.0)),
+            hidden=hidden,
+        )
     wire = WIRE_DTYPES[config.wire_dtype]
     arrays = ArrayRecord({k: v.detach().to(wire) for k, v in resident.state(SHARED).items()})
     metrics = released(
@@ -210,7 +224,10 @@ def personalize(msg: Message, context: Context) -> Message:
         if current:
             reused += 1
             continue
-        state, loss = personal_adapter(config, resident, ctx, method, stored[1] if stored else None)
+        # A stored adapter of another layout (e.g. from a run with other adapter-layers) cannot be
+        # continued: the user starts afresh.
+        start = stored[1] if stored and resident.mismatch(PERSONAL, stored[1]) is None else None
+        state, loss = personal_adapter(config, resident, ctx, method, start, node.state_dir)
         store.save(
             method.name,
             ctx.user.user_id,
@@ -234,7 +251,12 @@ def personalize(msg: Message, context: Context) -> Message:
 
 
 def personal_adapter(
-    config: RunConfig, resident: ResidentModel, ctx: UserContext, method: Method, start: StateDict | None
+    config: RunConfig,
+    resident: ResidentModel,
+    ctx: UserContext,
+    method: Method,
+    start: StateDict | None,
+    state_dir: Path,
 ) -> tuple[StateDict, float]:
     """Train one user's personal adapter (from `start`, or a fresh one seeded by the user id) with the
     context its method answers with, on top of whatever the shared slot holds; returns it and its mean
@@ -243,17 +265,21 @@ def personal_adapter(
     resident.load(PERSONAL, start if start is not None else resident.fresh(PERSONAL, seed))
     resident.use(personal=True)
     examples = ctx.examples(resident, rag=method.rag, profile=method.profile)
-    result = train_slot(
-        resident,
-        PERSONAL,
-        examples,
-        steps=math.ceil(len(examples) * config.personal_epochs / config.batch_size),
-        batch_size=config.batch_size,
-        micro_batch_size=config.micro_batch_size,
-        learning_rate=config.personal_learning_rate,
-        seed=seed,
-        autocast_bf16=config.autocast_bf16,
-    )
+    bf16 = compute_precision(config).bf16
+    hidden = hidden_states(resident, config.hidden_cache_mb)
+    with persisted(hidden, HiddenStore(state_dir / HIDDEN_DIR), {ctx.user.user_id: examples}, bf16):
+        result = train_slot(
+            resident,
+            PERSONAL,
+            examples,
+            steps=math.ceil(len(examples) * config.personal_epochs / config.batch_size),
+            batch_size=config.batch_size,
+            micro_batch_size=config.micro_batch_size,
+            learning_rate=config.personal_learning_rate,
+            seed=seed,
+            autocast_bf16=bf16,
+            hidden=hidden,
+        )
     return resident.state(PERSONAL), result.loss
 
 
@@ -273,7 +299,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         personal,
         max_new_tokens=node.task.max_new_tokens,
         max_prompt_tokens=config.max_seq_len,
-        autocast_bf16=config.autocast_bf16,
+        autocast_bf16=compute_precision(config).bf16,
     )
     replies: dict[str, MetricRecord] = {}
     user_counts: list[dict[str, float]] = []

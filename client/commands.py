@@ -157,18 +157,20 @@ def adapter_import_command(args: argparse.Namespace) -> int:
 
 
 def adapter_delete_command(args: argparse.Namespace) -> int:
+    from client.hidden import HIDDEN_DIR, HiddenStore
     from client.store import PROFILES
     from common.profiles import ProfileCache
 
     store = _store(args)
     adapters = store.delete(args.user)
     profiles = ProfileCache(store.root / PROFILES).delete(args.user)
-    if adapters == profiles == 0:
+    hidden = HiddenStore(store.root / HIDDEN_DIR).delete(args.user)
+    if adapters == profiles == hidden == 0:
         console.print(f"nothing of user {escape(args.user)} in {store.root}")
     else:
         console.print(
             f"deleted user {escape(args.user)} from {store.root}: {adapters} adapter(s) with their manifest "
-            f"entries, {profiles} cached profile(s)"
+            f"entries, {profiles} cached profile(s), {hidden} file(s) of cached hidden states"
         )
     return 0
 

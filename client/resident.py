@@ -36,22 +36,26 @@ class ResidentModel:
         """The slot's tensors under PEFT's adapter-name-free keys (the keys a saved adapter has)."""
         return get_peft_model_state_dict(self.peft, adapter_name=slot)
 
+    def mismatch(self, slot: str, state: Mapping[str, torch.Tensor]) -> str | None:
+        """Why `state` cannot go into the slot (other keys or shapes, e.g. adapters on other layers, or
+        non-finite values), or None when it can."""
+        expected = self.state(slot)
+        if set(state) != set(expected):
+            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            return f"adapter for slot '{slot}' does not match: missing {missing[:3]}, unexpected {extra[:3]}"
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                return f"adapter tensor {key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+            if not torch.isfinite(tensor).all():
+                return f"adapter tensor {key} holds NaN or infinite values"
+        return None
+
     def load(self, slot: str, state: Mapping[str, torch.Tensor] | None) -> None:
         """Copy weights into a slot; None restores the identity adapter (zero delta)."""
         source = self._identity[slot] if state is None else state
-        expected = self.state(slot)
-        if set(source) != set(expected):
-            missing, extra = sorted(set(expected) - set(source)), sorted(set(source) - set(expected))
-            raise ValueError(
-                f"adapter for slot '{slot}' does not match: missing {missing[:3]}, unexpected {extra[:3]}"
-            )
-        for key, tensor in source.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"adapter tensor {key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
-                )
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"adapter tensor {key} holds NaN or infinite values")
+        problem = self.mismatch(slot, source)
+        if problem is not None:
+            raise ValueError(problem)
         set_peft_model_state_dict(self.peft, {k: v.float() for k, v in source.items()}, adapter_name=slot)
 
     def fresh(self, slot: str, seed: int) -> StateDict:

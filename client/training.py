@@ -1,12 +1,14 @@
 """Local training of one adapter slot: causal-LM loss on the target tokens only.
 
-Four things keep a step cheap on 2 CPU cores:
+What keeps a step cheap on 2 CPU cores:
+- with adapters on the top K layers only (`adapter-layers`), the frozen layers below run once per
+  example and their output is reused (client/hidden.py): a step runs K layers, not all of them;
 - logits only at positions that predict a target token (the 49k-row lm_head skips prompt tokens);
 - batches bucketed by length (less padding);
 - a prefix every example of a batch shares (LaMP prompts open with the task's instruction, about two
   thirds of a tagging example) runs once for the batch; every row reuses its keys and values, and
   autograd sums its gradient over the rows;
-- eager attention for short batches, where SDPA's CPU backward is slow.
+- under bf16 autocast, eager attention for short batches, where SDPA's CPU backward is slower.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from client.hidden import HiddenStates, adapted_layers_forward, backbone_of
 from client.resident import ResidentModel
 
 # A shorter common prefix saves less than the extra pass through the layers costs.
 MIN_SHARED_PREFIX = 16
-# Eager attention trains ~15% faster than SDPA's CPU kernels (measured at widths 70-300, bf16), but
-# keeps every layer's attention weights (rows x heads x width^2) for the backward pass: use it while
-# they fit this budget, SDPA beyond.
+# Under bf16 autocast eager attention trained 10-19% faster than SDPA's CPU kernels at batch widths
+# 60-130 (8 rows, AVX512_BF16). In fp32 it measured 0.85-1.04x of SDPA's time there, and 0.97-1.08x
+# with the AVX2 kernels a CPU without fast bf16 runs (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2):
+# no gain to count on, so fp32 keeps SDPA. Eager keeps every layer's attention weights (rows x heads x
+# width^2) for the backward pass: used only while they fit this budget.
 EAGER_ATTENTION_BYTES = 512 * 2**20
 
 
@@ -109,29 +114,36 @@ def target_loss(
     attention: torch.Tensor,
     mask: torch.Tensor,
     prefix_len: int = 0,
+    inputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over the target tokens. With `prefix_len`, the first `prefix_len` tokens
-    (the same in every row) are run once and their keys and values repeated for every row."""
+    (the same in every row) are run once and their keys and values repeated for every row. With
+    `inputs`, the hidden states entering the first adapted layer, only the adapted layers run."""
     causal_lm = resident.peft.base_model.model
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    cache = None
-    if prefix_len:
-        cache = backbone(input_ids=ids[:1, :prefix_len], use_cache=True).cache
-        cache.batch_repeat_interleave(ids.shape[0])
-    hidden = backbone(
-        input_ids=ids[:, prefix_len:], attention_mask=attention, cache=cache, use_cache=cache is not None
-    ).last_hidden_state
-    logits = causal_lm.get_output_embeddings()(hidden[mask[:, prefix_len:]])
+    backbone = backbone_of(resident)
+    if inputs is not None:
+        top = adapted_layers_forward(resident, inputs, attention, prefix_len)
+        hidden = backbone.norm(top[mask[:, prefix_len:]])
+    else:
+        cache = None
+        if prefix_len:
+            cache = backbone(input_ids=ids[:1, :prefix_len], use_cache=True).cache
+            cache.batch_repeat_interleave(ids.shape[0])
+        hidden = backbone(
+            input_ids=ids[:, prefix_len:], attention_mask=attention, cache=cache, use_cache=cache is not None
+        ).last_hidden_state[mask[:, prefix_len:]]
+    logits = causal_lm.get_output_embeddings()(hidden)
     targets = ids[:, 1:][mask[:, :-1]]
     return F.cross_entropy(logits.float(), targets)
 
 
 @contextlib.contextmanager
-def training_attention(model, rows: int, width: int) -> Iterator[None]:
-    """Switch an SDPA model to eager attention for one step when its attention weights fit the budget."""
+def training_attention(model, rows: int, width: int, layers: int, bf16: bool) -> Iterator[None]:
+    """Under bf16 autocast, switch an SDPA model to eager attention for one step when the attention
+    weights of the `layers` it runs fit the budget."""
     config = model.config
-    weights = rows * config.num_attention_heads * width**2 * config.num_hidden_layers * 8  # fp32 + copies
-    if config._attn_implementation != "sdpa" or weights > EAGER_ATTENTION_BYTES:
+    weights = rows * config.num_attention_heads * width**2 * layers * 8  # fp32 + copies
+    if not bf16 or config._attn_implementation != "sdpa" or weights > EAGER_ATTENTION_BYTES:
         yield
         return
     model.set_attn_implementation("eager")
@@ -142,19 +154,26 @@ def training_attention(model, rows: int, width: int) -> Iterator[None]:
 
 
 def _accumulate(
-    resident: ResidentModel, batch: Sequence[Example], micro_batch_size: int, autocast_bf16: bool
+    resident: ResidentModel,
+    batch: Sequence[Example],
+    micro_batch_size: int,
+    autocast_bf16: bool,
+    hidden: HiddenStates | None,
 ) -> tuple[float, int]:
     """Backward over micro-batches; each one's loss is weighted by its share of the batch's target
     tokens, so the gradient equals that of the whole batch. Returns (mean loss, tokens)."""
     size = micro_batch_size or len(batch)
     micro = [batch[i : i + size] for i in range(0, len(batch), size)]
     targets = [sum(len(e.input_ids) - e.prompt_len for e in m) for m in micro]
+    model = resident.peft.base_model.model
+    layers = model.config.num_hidden_layers - resident.spec.first_layer
     total_loss, tokens = 0.0, 0
     for part, weight in zip(micro, targets, strict=True):
         ids, attention, mask = collate(part, resident.tokenizer.pad_token_id)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
-        with autocast, training_attention(resident.peft.base_model.model, *ids.shape):
-            loss = target_loss(resident, ids, attention, mask, shared_prefix_len(part))
+        inputs = hidden.inputs(resident, part, ids, attention, autocast_bf16) if hidden is not None else None
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16)
+        with autocast, training_attention(model, *ids.shape, layers, autocast_bf16):
+            loss = target_loss(resident, ids, attention, mask, shared_prefix_len(part), inputs)
             loss = loss * (weight / sum(targets))
         loss.backward()
         total_loss += loss.item()
@@ -174,11 +193,17 @@ def train_slot(
     micro_batch_size: int = 0,
     autocast_bf16: bool = False,
     proximal_mu: float = 0.0,
+    hidden: HiddenStates | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train one slot with AdamW for `steps` batches; FedProx adds mu/2 * ||w - w_start||^2."""
+    """Train one slot with AdamW for `steps` batches; FedProx adds mu/2 * ||w - w_start||^2.
+
+    With adapters on the top layers only, `hidden` keeps the states below them across calls (a
+    node's cache); without it they are kept for this call's steps alone."""
     if not examples or steps < 1:
         return TrainResult(math.nan, 0, 0, 0)
+    if hidden is None and resident.spec.first_layer:
+        hidden = HiddenStates(resident, limit_bytes=2**62)
     params = resident.trainable(slot)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -190,7 +215,7 @@ def train_slot(
         ):
             optimizer.zero_grad(set_to_none=True)
             loss, batch_tokens = _accumulate(
-                resident, [examples[i] for i in batch], micro_batch_size, autocast_bf16
+                resident, [examples[i] for i in batch], micro_batch_size, autocast_bf16, hidden
             )
             if anchor:
                 proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))

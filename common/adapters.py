@@ -7,6 +7,7 @@ spec and the same draw (PEFT's LoRA init from a seed), so both sides import this
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import warnings
@@ -17,7 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from common.config import RunConfig
+from common.config import ALL_LAYERS, RunConfig
 from common.model import load_base_model, model_config
 
 StateDict = dict[str, torch.Tensor]
@@ -25,13 +26,16 @@ StateDict = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """The PEFT settings both adapters use (OPPU: LoRA r=8, alpha=8 on q_proj and v_proj)."""
+    """The PEFT settings both adapters use and the decoder layers they sit on (empty: every layer).
+    The defaults here are OPPU's paper (LoRA r=8, alpha=8 on q_proj and v_proj of every layer); a
+    run's come from its config (`AdapterSpec.from_config`)."""
 
     peft_type: str = "lora"
     r: int = 8
     alpha: int = 8
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    layers: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, config: RunConfig) -> AdapterSpec:
@@ -41,7 +45,13 @@ class AdapterSpec:
             config.lora_alpha,
             config.lora_dropout,
             tuple(config.target_module_list),
+            adapted_layers(config.model, config.adapter_layers),
         )
+
+    @property
+    def first_layer(self) -> int:
+        """The lowest adapted decoder layer: everything below it is the frozen base model."""
+        return min(self.layers, default=0)
 
     def peft_config(self) -> LoraConfig:
         return LoraConfig(
@@ -49,6 +59,7 @@ class AdapterSpec:
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
+            layers_to_transform=list(self.layers) or None,
             use_dora=self.peft_type == "dora",
             task_type="CAUSAL_LM",
         )
@@ -56,6 +67,16 @@ class AdapterSpec:
     def answer_config(self) -> LoraConfig:
         """Shared and personal concatenated: rank 2r with alpha 2*alpha keeps the same alpha/r scale."""
         return dataclasses.replace(self, r=2 * self.r, alpha=2 * self.alpha).peft_config()
+
+
+@functools.cache
+def adapted_layers(model: str, setting: int | str) -> tuple[int, ...]:
+    """`adapter-layers` as layer indices: the top K, or () (every layer) for "all" and for a model
+    with K decoder layers or fewer."""
+    if setting == ALL_LAYERS:
+        return ()
+    total = model_config(model).num_hidden_layers
+    return () if setting >= total else tuple(range(total - setting, total))
 
 
 def with_adapter(model: PreTrainedModel, spec: AdapterSpec, adapter_name: str = "default") -> PeftModel:

@@ -6,6 +6,7 @@ The defaults live only in pyproject.toml; this module checks types and allowed v
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ WIRE_DTYPES = ("fp32", "fp16")
 # The privacy layer of the shared adapter (server/privacy.py, client/mods.py); docs/privacy.md compares them.
 PRIVACY_SETTINGS = ("none", "central-dp", "client-dp", "adaptive-dp", "local-dp", "secagg", "secagg+dp")
 METHODS = tuple(_METHODS)
+AUTO = "auto"  # autocast-bf16: measured on the machine that computes (common/precision.py)
+ALL_LAYERS = "all"  # adapter-layers: every decoder layer
 _CHOICES = {
     "strategy": STRATEGIES,
     "profile": PROFILE_MODES,
@@ -44,7 +47,7 @@ class ConfigError(ValueError):
 class RunConfig:
     model: str
     dtype: str
-    autocast_bf16: bool
+    autocast_bf16: bool | str
     data: str
     task: str
     benchmark_users: int
@@ -67,6 +70,8 @@ class RunConfig:
     lora_alpha: int
     lora_dropout: float
     target_modules: str
+    adapter_layers: int | str
+    hidden_cache_mb: int
     local_steps: int
     batch_size: int
     micro_batch_size: int
@@ -124,10 +129,23 @@ class RunConfig:
         for name in self.method_list:
             if name not in METHODS:
                 raise ConfigError(f"{source}: methods has {name!r}; expected a comma list of {METHODS}")
+        if self.autocast_bf16 not in (True, False, AUTO):
+            raise ConfigError(
+                f"{source}: autocast-bf16 = {self.autocast_bf16!r}; expected true, false or {AUTO!r}"
+            )
+        if self.adapter_layers != ALL_LAYERS and (
+            isinstance(self.adapter_layers, str) or self.adapter_layers < 1
+        ):
+            raise ConfigError(
+                f"{source}: adapter-layers = {self.adapter_layers!r}; expected {ALL_LAYERS!r} or a number of "
+                "top decoder layers >= 1"
+            )
         positive = ("num_rounds", "lora_r", "lora_alpha", "local_steps", "batch_size", "users_per_client")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {_key(name)} = {getattr(self, name)}; expected an integer >= 1")
+        if self.hidden_cache_mb < 0:
+            raise ConfigError(f"{source}: hidden-cache-mb = {self.hidden_cache_mb}; expected >= 0")
         if self.micro_batch_size < 0:
             raise ConfigError(
                 f"{source}: micro-batch-size = {self.micro_batch_size}; expected >= 0 (0 = batch-size)"
@@ -218,6 +236,14 @@ def _key(name: str) -> str:
 
 
 def _coerce(key: str, value: Any, annotation: str, source: str) -> Any:
+    if "|" in annotation:  # e.g. "bool | str": a value of either type, checked by validate()
+        options = [name.strip() for name in annotation.split("|")]
+        for name in options:
+            with contextlib.suppress(ConfigError):
+                return _coerce(key, value, name, source)
+        raise ConfigError(
+            f"{source}: {key} = {value!r} ({type(value).__name__}); expected {' or '.join(options)}"
+        )
     expected = {"int": int, "float": float, "bool": bool, "str": str}[annotation]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

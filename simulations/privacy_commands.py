@@ -8,12 +8,13 @@ comparison continues where it stopped. The report goes to `<run-dir>/privacy/`.
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from common.cli import add_run_config_arguments, console
+from common.cli import Interrupted, add_run_config_arguments, console, sigterm_interrupts
 from common.config import PRIVACY_SETTINGS, ConfigError, RunConfig, load_run_config
 from common.io import read_json
 from simulations.engine import EngineOptions, add_engine_arguments
@@ -89,7 +90,12 @@ def compare_privacy_command(args: argparse.Namespace) -> int:
     console.print(f"[bold]compare-privacy[/]: {len(points)} federations -> {run_dir}")
     console.print(", ".join(p.label for p in points))
     engine = EngineOptions.from_args(args)
-    point_dirs = {point.label: run_point(base, point, run_dir, engine) for point in points}
+    try:
+        with sigterm_interrupts():
+            point_dirs = {point.label: run_point(base, point, run_dir, engine) for point in points}
+    except KeyboardInterrupt:
+        rerun = args.argv if "--run-dir" in args.argv else [*args.argv, "--run-dir", str(run_dir)]
+        raise Interrupted(f"finished settings are kept; continue with: fedoppu {shlex.join(rerun)}") from None
     out = Console()
     write_privacy_report(run_dir, point_dirs, out if out.is_terminal else Console(width=160))
     return 0

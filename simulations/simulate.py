@@ -14,6 +14,7 @@ from common.cli import console
 from common.config import METHODS, ConfigError, RunConfig, default_config_values
 from common.io import atomic_write_json, read_json
 from common.loaders import load_run_dataset, num_partitions
+from common.precision import Precision, compute_precision
 from simulations.engine import DEFAULT_ENGINE, EngineOptions, run_federation
 from simulations.report import write_report, write_seeds_report
 
@@ -39,13 +40,15 @@ def new_run_dir(results_dir: str | Path, task: str) -> Path:
     return path
 
 
-def prepare(config: RunConfig, run_dir: Path, centralized: bool) -> tuple[RunConfig, int]:
-    """Resolve the task and node count from the data, and record the exact config of the run."""
+def prepare(config: RunConfig, run_dir: Path, centralized: bool) -> tuple[RunConfig, int, Precision]:
+    """Resolve the task and node count from the data and the compute precision on this machine, and
+    record the exact config of the run."""
     dataset = load_run_dataset(config)
     config = config.replace(task=config.task or dataset.task, run_dir=str(run_dir))
     nodes = num_partitions(len(dataset.users), config.users_per_client)
     if config.min_nodes > nodes:
         raise ConfigError(f"min-nodes = {config.min_nodes}, but this simulation has {nodes} node(s)")
+    precision = compute_precision(config)
     atomic_write_json(
         run_dir / "config.json",
         {
@@ -53,20 +56,24 @@ def prepare(config: RunConfig, run_dir: Path, centralized: bool) -> tuple[RunCon
             "num_supernodes": nodes,
             "num_users": len(dataset.users),
             "centralized": centralized,
+            "precision": precision.record(),
         },
     )
-    return config, nodes
+    return config, nodes, precision
 
 
 def simulate(config: RunConfig, *, centralized: bool, engine: EngineOptions = DEFAULT_ENGINE) -> Path:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config, nodes = prepare(config, run_dir, centralized)
+    config, nodes, precision = prepare(config, run_dir, centralized)
     started = time.perf_counter()
     console.print(
-        f"[bold]fedoppu[/] {config.task}: {nodes} clients, {config.num_rounds} rounds, methods {config.methods}"
+        f"[bold]fedoppu[/] {config.task}: {nodes} clients, {config.num_rounds} rounds, methods {config.methods}, "
+        f"{precision.name}"
     )
     console.print(f"results: {run_dir}")
+    # Every simulated client runs on this machine: they compute in the precision resolved here.
+    config = config.replace(autocast_bf16=precision.bf16)
     if config.method_list:
         run_federation(config, nodes, engine)
     if centralized:

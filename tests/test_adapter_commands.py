@@ -11,6 +11,7 @@ from conftest import tiny_llama
 from peft import PeftModel
 
 from client import store as store_module
+from client.hidden import HIDDEN_DIR, HiddenStore
 from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import PROFILES, STATE_DIR, PersonalAdapterStore, user_dir_name
 from common.adapters import AdapterSpec
@@ -148,8 +149,12 @@ def test_delete_removes_every_trace_of_the_user(node, capsys):
     user_dir = store.root / store.record("oppu", USER).path
     crashed = user_dir.with_name(f".{user_dir.name}.abcd_123.tmp")  # an interrupted atomic write
     crashed.mkdir()
+    hidden = HiddenStore(store.root / HIDDEN_DIR)
+    for user in (USER, "bob"):
+        hidden.write(user, "model-layer1-fp32", {"k": torch.ones(3, 4)}, limit_bytes=2**20)
     assert main(["adapter", "delete", "--data", str(data), "--user", USER]) == 0
     assert _said("2 adapter(s)", capsys)
+    assert not hidden.user_dir(USER).exists() and hidden.read("bob", "model-layer1-fp32")
     assert [(r.user_id, r.variant) for r in store.records()] == [("bob", "oppu")]
     for path in store.root.rglob("*"):
         assert user_dir.name not in path.name

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,11 @@ from client.store import PersonalAdapterStore
 from common.adapters import AdapterSpec, fresh_lora_from_config, state_digest
 
 
-@pytest.fixture()
-def resident(tiny_model):
+@pytest.fixture(params=[(), (1,)], ids=["every-layer", "top-layer"])
+def resident(tiny_model, request):
+    """Adapters on both layers of the tiny model, or on its top layer only (adapter-layers = 1)."""
     model, tokenizer = tiny_model
-    return ResidentModel(model, tokenizer, AdapterSpec())
+    return ResidentModel(model, tokenizer, AdapterSpec(layers=request.param))
 
 
 def _logits(resident, ids):
@@ -88,6 +90,8 @@ def test_store_round_trip_loads_with_plain_peft(resident, tiny_model, tmp_path):
         "oppu", "u/1 odd id", personal, resident.spec.peft_config(), shared_digest="abc", data_fingerprint="f"
     )
     loaded_record, loaded = store.load("oppu", "u/1 odd id")
+    adapter_config = json.loads((tmp_path / record.path / "adapter_config.json").read_text())
+    assert adapter_config["layers_to_transform"] == (list(resident.spec.layers) or None)
     assert loaded_record == record and len(Path(record.path).parts) == 4  # adapters/oppu/<user>/<version>
     assert all(torch.equal(loaded[k], personal[k]) for k in personal)
     # The stored directory is an ordinary peft adapter.

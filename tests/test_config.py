@@ -33,12 +33,25 @@ def test_overrides_parse_toml_values_and_bare_words():
         ("min-nodes=0", "min-nodes = 0; expected an integer >= 1"),
         ("train-retries=-1", "train-retries = -1; expected an integer >= 0"),
         ("max-update-norm=-1", "max-update-norm = -1.0; expected >= 0 (0 = no bound)"),
+        ("autocast-bf16=fast", "autocast-bf16 = 'fast'; expected true, false or 'auto'"),
+        ("autocast-bf16=1", "autocast-bf16 = 1 (int); expected bool or str"),
+        ("adapter-layers=0", "adapter-layers = 0; expected 'all' or a number of top decoder layers >= 1"),
+        ("adapter-layers=top", "adapter-layers = 'top'; expected 'all' or a number"),
+        ("adapter-layers=2.5", "adapter-layers = 2.5 (float); expected int or str"),
+        ("hidden-cache-mb=-1", "hidden-cache-mb = -1; expected >= 0"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_expectation(override, message):
     with pytest.raises(ConfigError, match=None) as err:
         load_run_config(overrides=[override])
     assert message in str(err.value)
+
+
+def test_precision_and_adapter_layers_take_a_word_or_a_value():
+    config = load_run_config(overrides=["autocast-bf16=false", "adapter-layers=4"])
+    assert (config.autocast_bf16, config.adapter_layers) == (False, 4)
+    config = load_run_config(overrides=['autocast-bf16="auto"', "adapter-layers=all"])
+    assert (config.autocast_bf16, config.adapter_layers) == ("auto", "all")
 
 
 def test_rag_methods_need_a_positive_k():

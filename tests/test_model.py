@@ -1,8 +1,11 @@
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from conftest import write_tiny_gguf
 
 from common.model import (
     DEFAULT_GGUF_FILE,
@@ -48,22 +51,22 @@ def test_tokenizer_is_the_real_smollm2_one():
     assert len(tokenizer) == 49152 and tokenizer.eos_token == "<|im_end|>"
 
 
-@pytest.mark.slow
-def test_cache_matches_the_gguf_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
-    """The safetensors cache gives the GGUF's logits; truncation or corruption forces a rebuild."""
+def test_a_gguf_is_cached_once_verified_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    """The safetensors cache gives the GGUF's logits; truncation or a flipped byte forces a rebuild."""
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("FEDOPPU_CACHE", str(tmp_path))
-    source = resolve_model(DEFAULT_MODEL)
+    monkeypatch.setenv("FEDOPPU_CACHE", str(tmp_path / "cache"))
+    gguf_path = str(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    source = resolve_model(gguf_path)
     assert cache_status(source) == "missing"
-    cached, tokenizer = load_base_model()
+    cached, tokenizer = load_base_model(gguf_path)
     assert cache_status(source) == "valid"
-    ids = tokenizer("Federated learning keeps data on the device.", return_tensors="pt")["input_ids"]
+    ids = tokenizer("the thin cat", return_tensors="pt")["input_ids"]
     gguf = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
     with torch.no_grad():
-        assert torch.equal(cached(ids).logits, gguf(ids).logits)
+        reference = gguf(ids).logits
+        assert torch.equal(cached(ids).logits, reference)
     weights = source.cache_dir / "model.safetensors"
-    reference = cached(ids).logits.detach()
     for damage in ("truncate", "flip"):
         data = bytearray(weights.read_bytes())
         if damage == "truncate":
@@ -72,10 +75,39 @@ def test_cache_matches_the_gguf_and_a_damaged_cache_is_rebuilt(tmp_path, monkeyp
             data[-100] ^= 0xFF
         weights.write_bytes(bytes(data))
         assert cache_status(source).startswith("invalid")
-        reloaded, _ = load_base_model()
+        reloaded, _ = load_base_model(gguf_path)
         assert cache_status(source) == "valid"
         with torch.no_grad():
             assert torch.equal(reloaded(ids).logits, reference)
+
+
+def test_a_verified_cache_is_not_hashed_again_until_its_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDOPPU_CACHE", str(tmp_path / "cache"))
+    source = resolve_model(str(write_tiny_gguf(tmp_path / "tiny.gguf")))
+    load_base_model(source.name)
+    weights = source.cache_dir / "model.safetensors"
+    os.utime(weights, (time.time() - 60, time.time() - 60))  # older than the racy window: stampable
+    assert cache_status(source) == "valid"  # hashed once more, then stamped
+    hashed = []
+    monkeypatch.setattr("common.model.file_sha256", lambda path: hashed.append(path) or "0" * 64)
+    assert cache_status(source) == "valid" and hashed == []  # trusted: size, times and inode unchanged
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert cache_status(source).startswith("invalid") and hashed == [weights]
+
+
+@pytest.mark.slow
+def test_the_default_models_cache_gives_the_ggufs_logits():
+    from transformers import AutoModelForCausalLM
+
+    cached, tokenizer = load_base_model()
+    source = resolve_model(DEFAULT_MODEL)
+    assert cache_status(source) == "valid"
+    ids = tokenizer("Federated learning keeps data on the device.", return_tensors="pt")["input_ids"]
+    gguf = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(cached(ids).logits, gguf(ids).logits)
 
 
 @pytest.mark.slow

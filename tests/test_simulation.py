@@ -1,14 +1,23 @@
 """A whole federation with the tiny model: 2 clients, 2 rounds, every method, resume after the server
 was killed, privacy audit."""
 
+import contextlib
 import csv
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from common.config import load_run_config
 from common.io import read_json
+from simulations.cli import main
 from simulations.engine import EngineOptions, FederationFailed
 from simulations.simulate import resume, simulate
 from tests import faults
@@ -133,6 +142,70 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path, monkeypat
     assert _train_replies(audit) - trained == USERS  # one round of training: round 2
     assert (checkpoints / "round-0002").exists()
     assert read_json(checkpoints / "latest.json")["round"] == 2
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if marker.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+    return found
+
+
+def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_run, tmp_path):
+    """Ctrl-C in the terminal (SIGINT to the foreground process group) during round 2 or later."""
+    run_dir = tmp_path / "run"
+    marker = f"FEDOPPU_INTERRUPT_TEST={uuid.uuid4().hex}"
+    overrides = {**tiny_run, "num-rounds": 50, "eval-every-round": "false", "methods": '"shared"'}
+    command = [sys.executable, "-m", "simulations.cli", "simulate", "--run-dir", str(run_dir)]
+    command += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "round-0001").exists() and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130
+    assert "Traceback" not in out + err
+    said = "".join(err.split())
+    assert said.endswith("".join(f"interrupted: resume it with: fedoppu simulate --resume {run_dir}".split()))
+    deadline = time.monotonic() + 20
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(marker) == []  # the federation, Ray and its workers are gone
+
+    done = read_json(run_dir / "checkpoints" / "latest.json")["round"]
+    assert done < 50
+    recorded = read_json(run_dir / "config.json")
+    recorded["run_config"]["num-rounds"] = done + 1  # the rest of the run, shortened for the test
+    (run_dir / "config.json").write_text(json.dumps(recorded))
+    resume(run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    assert [r["round"] for r in metrics["rounds"]] == list(range(done + 2))
+    assert (run_dir / "checkpoints" / f"round-{done + 1:04d}").exists()
+    assert read_json(run_dir / "checkpoints" / "latest.json")["round"] == done + 1
+    assert metrics["status"] == "complete"
+
+
+def test_an_interrupted_comparison_says_how_to_continue(tiny_run, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("simulations.privacy_commands.run_point", interrupted)
+    argv = ["compare-privacy", "--settings", "none", "--set", "num-rounds=1", "--results-dir", str(tmp_path)]
+    assert main(argv) == 130
+    said = "".join(capsys.readouterr().err.split())
+    rerun = f"continue with: fedoppu {shlex.join([*argv, '--run-dir'])} {tmp_path}/"  # + a new run dir
+    assert "".join(rerun.split()) in said and "Traceback" not in said
 
 
 def test_the_same_seed_gives_the_same_numbers(tiny_run, finished_run, tmp_path):

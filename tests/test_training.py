@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from client.inference import answer_users, generate_answers
@@ -77,13 +78,19 @@ def test_no_prefix_is_shared_when_it_is_short_or_would_reach_a_target(tokenizer)
     assert shared_prefix_len(short) == 0
 
 
-def test_short_batches_train_with_eager_attention_and_long_ones_keep_sdpa(tiny_model):
+def test_short_bf16_batches_train_with_eager_attention_and_long_or_fp32_ones_keep_sdpa(tiny_model):
     model, _ = tiny_model
     model.set_attn_implementation("sdpa")
-    with training_attention(model, rows=8, width=128):
+    with training_attention(model, rows=8, width=128, layers=2, bf16=True):
         assert model.config._attn_implementation == "eager"
     assert model.config._attn_implementation == "sdpa"
-    with training_attention(model, rows=8, width=2048):  # 8 x 4 heads x 2048^2 x 2 layers: over budget
+    with training_attention(model, rows=8, width=2048, layers=2, bf16=True):  # 8 x 4 x 2048^2 x 2: over
+        assert model.config._attn_implementation == "sdpa"
+    with training_attention(model, rows=8, width=1100, layers=2, bf16=True):  # 8 x 4 x 1100^2 x 2: over
+        assert model.config._attn_implementation == "sdpa"
+    with training_attention(model, rows=8, width=1100, layers=1, bf16=True):  # the top layer alone: fits
+        assert model.config._attn_implementation == "eager"
+    with training_attention(model, rows=8, width=128, layers=2, bf16=False):
         assert model.config._attn_implementation == "sdpa"
 
 
@@ -133,9 +140,10 @@ def test_fedprox_term_keeps_weights_closer_to_the_start(tiny_model):
     assert drift(50.0) < drift(0.0)
 
 
-def test_mixed_adapter_batches_answer_exactly_like_one_user_at_a_time(tiny_model):
+@pytest.mark.parametrize("layers", [(), (1,)], ids=["every-layer", "top-layer"])
+def test_mixed_adapter_batches_answer_exactly_like_one_user_at_a_time(tiny_model, layers):
     model, tokenizer = tiny_model
-    resident = ResidentModel(model, tokenizer, AdapterSpec())
+    resident = ResidentModel(model, tokenizer, AdapterSpec(layers=layers))
     generator = torch.Generator().manual_seed(0)
 
     def adapter(slot, seed):
