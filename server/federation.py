@@ -185,7 +185,7 @@ class Federation:
         if scored is None:
             users = {user for node in dropped for user in self.node_users.get(node, [])}
         else:
-            users = set(self.recorder.data["history"]).union(*self.node_users.values()) - scored
+            users = self.recorder.known_users.union(*self.node_users.values()) - scored
         nodes = [{"node": node, "reason": reason} for node, reason in sorted(dropped.items())]
         return Missing(sorted(users), self.named(nodes))
 

@@ -103,6 +103,13 @@ class RunRecorder:
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
 
+    @property
+    def known_users(self) -> set[str]:
+        """Every user this results file has scored or sized, also in the runs it resumes: a resumed run
+        can name the users of a node that dies before it answers again."""
+        scored = [entry.get("users", []) for entry in [*self.data["methods"].values(), *self.data["rounds"]]]
+        return set(self.data["history"]).union(*scored)
+
     def record_method(self, name: str, evaluation: Evaluation, seconds: float) -> None:
         self.data["methods"][name] = {
             "overall": evaluation.overall,

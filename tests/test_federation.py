@@ -101,3 +101,28 @@ def test_the_server_waits_for_min_nodes_saying_how_many_it_has(capsys):
         NodesUnavailable, match=r"min-nodes = 3: only 1 node\(s\) connected after 0.5 s \(min-nodes-timeout\)"
     ):
         wait_for_nodes(Arriving(), 3, timeout=0.5)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_resumed_run_names_the_users_of_a_node_that_dies_before_it_answers_again(tmp_path):
+    """Replies without history sizes (a node's policy may withhold them): the users come from the scores
+    the results file already holds."""
+    overrides = [f'run-dir="{tmp_path}"', "evaluate-timeout=0.5"]
+
+    def unsized(*users):
+        def reply(msg):
+            records = {f"user:{u}": MetricRecord({"n": 2, "correct": 1}) for u in users}
+            return Message(
+                RecordDict({"metrics": MetricRecord({"n": 2 * len(users)}), **records}), reply_to=msg
+            )
+
+        return reply
+
+    Federation(
+        BroadcastGrid({1: unsized("a"), 2: unsized("c")}), load_run_config(overrides=overrides)
+    ).evaluate_method("zero-shot", None)
+    resumed = Federation(
+        BroadcastGrid({1: unsized("a"), 2: _offline}), load_run_config(overrides=[*overrides, "resume=true"])
+    )
+    evaluation = resumed.evaluate("zero-shot", None)
+    assert set(evaluation.users) == {"a"} and evaluation.missing.users == ["c"]
