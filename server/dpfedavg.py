@@ -27,15 +27,16 @@ import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg
 
 from common import protocol
+from server.strategy import Delegating
 
 TARGET_QUANTILE = 0.5  # Andrew et al.: clip at the median update norm
 CLIP_LEARNING_RATE = 0.2  # Andrew et al.'s geometric update rate
 
 
-class DPFedAvg(Strategy):
+class DPFedAvg(Delegating):
     """Clip, sum, noise and divide by the expected count; adapt the clip norm; apply server momentum."""
 
     def __init__(
@@ -50,7 +51,7 @@ class DPFedAvg(Strategy):
     ) -> None:
         """`count_stddev` None: fixed clipping at `clipping_norm`, the update sum noised with z. Otherwise
         adaptive clipping from `clipping_norm`; `noise_multiplier` is then the update sum's share z_u."""
-        self.strategy = strategy
+        super().__init__(strategy)
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
         self.round_clipping_norm = clipping_norm  # the norm the last aggregated round clipped to
@@ -101,15 +102,6 @@ class DPFedAvg(Strategy):
                 [reply.content for reply in replies], self.strategy.weighted_by_key
             )
         return arrays, metrics
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round, replies):
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
 
 def _update(reply: Message, current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

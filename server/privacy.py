@@ -37,6 +37,7 @@ from common.config import ConfigError, RunConfig
 from server.dpfedavg import DPFedAvg
 from server.grid import RoundFailed
 from server.sampling import ClientSampling
+from server.strategy import Delegating
 
 ACCOUNTING = {
     "none": "no DP: no epsilon can be claimed",
@@ -118,7 +119,7 @@ def check_round(server_round: int, expected: int | None, weights: list[float], e
     )
 
 
-class ExactRounds(Strategy):
+class ExactRounds(Delegating):
     """A Message-API strategy whose rounds aggregate exactly the sampled replies of weight 1 (`exact`),
     or any reply at all (not `exact`), or raise RoundRefused. Its `sampling` picks each round's
     clients (server/sampling.py); a round that sampled nobody goes to the strategy with no replies."""
@@ -131,7 +132,8 @@ class ExactRounds(Strategy):
         round_offset: int = 0,
         wait_for: int = 1,
     ) -> None:
-        self.strategy, self.exact, self.sampling = strategy, exact, sampling
+        super().__init__(strategy)
+        self.exact, self.sampling = exact, sampling
         self.round_offset, self.wait_for = round_offset, wait_for
         self.sent = max(1, round(sampling.expected))  # the clients the round in progress was sent to
 
@@ -154,15 +156,6 @@ class ExactRounds(Strategy):
         ]
         check_round(server_round, self.sent if self.exact else None, weights, errors)
         return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round, replies):
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
 
 class ExactLegacyRounds(LegacyStrategy):

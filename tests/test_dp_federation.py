@@ -71,7 +71,11 @@ def test_a_client_trains_and_sends_b_only_with_the_servers_a(dp_run):
     initial = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
     wire = on_the_wire(initial, True)
     context = Context(
-        run_id=5, node_id=3, node_config={"partition-id": 0}, state=RecordDict(), run_config=config.to_flower()
+        run_id=5,
+        node_id=3,
+        node_config={"partition-id": 0},
+        state=RecordDict(),
+        run_config=config.to_flower(),
     )
     message = Message(
         RecordDict(
@@ -92,4 +96,6 @@ def test_a_client_trains_and_sends_b_only_with_the_servers_a(dp_run):
     trained = resident.state(SHARED)
     for key, tensor in initial.items():
         if FFA_FROZEN in key:
-            assert torch.equal(trained[key].float(), tensor), key  # the client's A is the server's, bit for bit
+            assert torch.equal(trained[key].float(), tensor), (
+                key
+            )  # the client's A is the server's, bit for bit
