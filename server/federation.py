@@ -259,7 +259,7 @@ class Federation:
             if self.redo("shared"):  # interrupted before, or short of users at, its last evaluation
                 self.evaluate_method("shared", state)
             return state
-        # FFA-LoRA: the rounds train, send, clip and noise B alone; A stays as drawn (`full_shared`).
+        # FFA-LoRA: the rounds train, send, clip and noise B alone; after_round puts A (as drawn) back.
         wire = on_the_wire(state, config.shared_ffa_lora)
         num_weights = sum(tensor.numel() for tensor in wire.values())
         privacy = PrivacyLayer(
@@ -331,7 +331,9 @@ class Federation:
         if server_round > 0:
             aggregated, stage.aggregated = stage.aggregated, None
             needed = stage.grid.policy.needed(stage.grid.sampled)
-            if stage.grid.sampled == 0:  # Poisson sampled nobody: central-dp released noise alone
+            if (
+                stage.grid.sampled == 0
+            ):  # Poisson sampled nobody: central-dp released noise alone, else skipped
                 aggregated, needed = 0, 0
                 stage.train_metrics.append({"clients": 0})
             if aggregated is None or aggregated < needed:  # SecAgg+ drops, or a DP wrapper's refusal
