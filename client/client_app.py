@@ -44,7 +44,8 @@ from client.store import PersonalAdapterStore
 from client.training import train_slot
 from client.users import NodeUsers, UserContext, node_users
 from common import protocol
-from common.adapters import AdapterSpec, StateDict, state_digest
+from common.accounting import noise_multiplier
+from common.adapters import FFA_FROZEN, AdapterSpec, StateDict, frozen_lora_a, state_digest
 from common.config import RunConfig
 from common.methods import METHODS, Method
 from common.metrics import merge_counts, metric_counts
@@ -150,17 +151,20 @@ app = GuardedClientApp(mods=[audit_mod, privacy_layer_mod, PrivacyGuard(reply_ru
 def train(msg: Message, context: Context) -> Message:
     """One round of the shared adapter on every user this node hosts."""
     config, resident, node = setup(context)
-    shared = protocol.shared_adapter(msg)
-    if shared is None:
+    sent = protocol.shared_adapter(msg)
+    if sent is None:
         raise BadRequest(f"train message carries no '{protocol.ARRAYS}' record (the shared adapter)")
+    # FFA-LoRA: only B travels; A is this node's own derivation of the run's seeded draw.
+    frozen = (FFA_FROZEN,) if config.shared_ffa_lora else ()
+    shared = {**sent, **frozen_lora_a(config.model, resident.spec, config.seed)} if frozen else sent
     resident.load(SHARED, shared)  # a malformed adapter fails here, before it costs any budget
     resident.use(personal=False)
     server_round = int(protocol.config_value(msg, protocol.SERVER_ROUND)) + int(
         protocol.config_value(msg, protocol.ROUND_OFFSET, 0)
     )
-    num_weights = sum(t.numel() for t in shared.values())
+    num_weights = sum(t.numel() for t in sent.values())
     multiplier = release_multiplier(
-        config.privacy, config.noise_multiplier, config.clipping_norm, num_weights
+        config.privacy, noise_multiplier(config), config.clipping_norm, num_weights
     )
     ledger = PrivacyLedger(node.state_dir)
     ledger.admit(node.policy, msg.metadata.run_id, server_round, config.privacy, multiplier)
@@ -184,9 +188,11 @@ def train(msg: Message, context: Context) -> Message:
             autocast_bf16=bf16,
             proximal_mu=float(protocol.config_value(msg, protocol.PROXIMAL_MU, 0.0)),
             hidden=hidden,
+            frozen=frozen,
         )
     wire = WIRE_DTYPES[config.wire_dtype]
-    arrays = ArrayRecord({k: v.detach().to(wire) for k, v in resident.state(SHARED).items()})
+    trained = resident.state(SHARED)
+    arrays = ArrayRecord({k: trained[k].detach().to(wire) for k in sent})  # exactly the tensors received
     metrics = released(
         protocol.TRAIN,
         config.privacy,

@@ -42,6 +42,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from client.policy import BadRequest, PolicyRefusal, node_policy
 from common import protocol
+from common.accounting import noise_multiplier
 from common.config import RunConfig
 from common.updates import update_problem
 
@@ -341,8 +342,7 @@ def privacy_layer_mod(msg: Message, context: Context, call_next: ClientAppCallab
     if msg.metadata.message_type != protocol.TRAIN:
         return call_next(msg, context)
     config = RunConfig.from_mapping(context.run_config)
-    node_policy(context.node_config).admit(config.privacy, config.noise_multiplier, config.clipping_norm)
-    mods = train_privacy_mods(
-        config.privacy, config.noise_multiplier, config.clipping_norm, config.max_update_norm
-    )
+    z = noise_multiplier(config)  # target-epsilon's derived z, as the server's
+    node_policy(context.node_config).admit(config.privacy, z, config.clipping_norm)
+    mods = train_privacy_mods(config.privacy, z, config.clipping_norm, config.max_update_norm)
     return make_ffn(call_next, mods)(msg, context)

@@ -92,11 +92,14 @@ class ResidentModel:
         self.peft.base_model.set_adapter([SHARED, PERSONAL] if personal else [SHARED])
         self.peft.requires_grad_(False)
 
-    def trainable(self, slot: str) -> list[torch.nn.Parameter]:
-        """Make exactly one slot trainable and return its parameters."""
+    def trainable(self, slot: str, frozen: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
+        """Make exactly one slot trainable, but for the parameters whose names contain one of `frozen`
+        (FFA-LoRA freezes "lora_A"), and return its trainable parameters."""
         self.peft.requires_grad_(False)
         params = [
-            p for name, p in self.peft.named_parameters() if f".{slot}." in name or name.endswith(f".{slot}")
+            p
+            for name, p in self.peft.named_parameters()
+            if (f".{slot}." in name or name.endswith(f".{slot}")) and not any(part in name for part in frozen)
         ]
         for param in params:
             param.requires_grad_(True)

@@ -195,8 +195,10 @@ def train_slot(
     proximal_mu: float = 0.0,
     hidden: HiddenStates | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    frozen: tuple[str, ...] = (),
 ) -> TrainResult:
-    """Train one slot with AdamW for `steps` batches; FedProx adds mu/2 * ||w - w_start||^2.
+    """Train one slot with AdamW for `steps` batches; FedProx adds mu/2 * ||w - w_start||^2. Parameters
+    whose names contain one of `frozen` keep their values (FFA-LoRA's "lora_A").
 
     With adapters on the top layers only, `hidden` keeps the states below them across calls (a
     node's cache); without it they are kept for this call's steps alone."""
@@ -204,7 +206,7 @@ def train_slot(
         return TrainResult(math.nan, 0, 0, 0)
     if hidden is None and resident.spec.first_layer:
         hidden = HiddenStates(resident, limit_bytes=2**62)
-    params = resident.trainable(slot)
+    params = resident.trainable(slot, frozen)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     resident.peft.train()

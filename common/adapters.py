@@ -113,6 +113,22 @@ def fresh_lora_from_config(model: str, spec: AdapterSpec, seed: int) -> StateDic
     return fresh_adapter({key: torch.zeros(tensor.shape) for key, tensor in shapes.items()}, seed)
 
 
+FFA_FROZEN = "lora_A"  # FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded draw, only B trains
+
+
+def on_the_wire(state: Mapping[str, torch.Tensor], ffa_lora: bool) -> StateDict:
+    """The shared adapter's tensors a train round sends, trains, clips and noises: B only under FFA-LoRA."""
+    return {key: tensor for key, tensor in state.items() if not (ffa_lora and FFA_FROZEN in key)}
+
+
+@functools.lru_cache(maxsize=4)
+def frozen_lora_a(model: str, spec: AdapterSpec, seed: int) -> StateDict:
+    """FFA-LoRA's frozen A of the shared adapter: the run's initial draw, which the server and every client
+    derive from the run's seed (`initial_adapter` draws the same tensors bit for bit)."""
+    state = fresh_lora_from_config(model, spec, seed)
+    return {key: tensor for key, tensor in state.items() if FFA_FROZEN in key}
+
+
 def initial_adapter(model: str, dtype: str, spec: AdapterSpec, seed: int) -> StateDict:
     """The first shared adapter: from the config alone for LoRA, from the base weights for DoRA."""
     if spec.peft_type == "lora":

@@ -24,6 +24,10 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
 PROFILE_MODES = ("summary", "generated")
 PEFT_TYPES = ("lora", "dora")
 WIRE_DTYPES = ("fp32", "fp16")
+DP_CLIPPING = (
+    "adaptive",
+    "fixed",
+)  # central-dp: Andrew et al.'s adaptive clip norm, or clipping-norm throughout
 # The privacy layer of the shared adapter (server/privacy.py, client/mods.py); docs/privacy.md compares them.
 PRIVACY_SETTINGS = ("none", "central-dp", "client-dp", "adaptive-dp", "local-dp", "secagg", "secagg+dp")
 METHODS = tuple(_METHODS)
@@ -36,7 +40,13 @@ _CHOICES = {
     "wire_dtype": WIRE_DTYPES,
     "dtype": ("fp32", "bf16"),
     "privacy": PRIVACY_SETTINGS,
+    "dp_clipping": DP_CLIPPING,
 }
+# Settings that can sample clients per round other than by fraction-train: SecAgg+'s legacy workflow
+# samples by fraction only; Flower's client-dp and adaptive-dp wrappers need a fixed count per round.
+FIXED_SIZE_SAMPLING = ("none", "central-dp", "client-dp", "adaptive-dp", "local-dp")
+POISSON_SAMPLING = ("none", "central-dp", "local-dp")
+TARGET_EPSILON = ("central-dp", "client-dp", "local-dp")  # common/accounting.py: TARGETED_SCALE
 
 
 class ConfigError(ValueError):
@@ -60,6 +70,8 @@ class RunConfig:
     seed: int
     num_rounds: int
     fraction_train: float
+    clients_per_round: int
+    sample_rate: float
     strategy: str
     proximal_mu: float
     server_learning_rate: float
@@ -70,6 +82,7 @@ class RunConfig:
     lora_alpha: int
     lora_dropout: float
     target_modules: str
+    shared_ffa_lora: bool
     adapter_layers: int | str
     hidden_cache_mb: int
     local_steps: int
@@ -82,6 +95,9 @@ class RunConfig:
     clipping_norm: float
     dp_delta: float
     max_epsilon: float
+    target_epsilon: float
+    dp_clipping: str
+    dp_server_momentum: float
     min_nodes: int
     min_nodes_timeout: float
     train_timeout: float
@@ -158,11 +174,37 @@ class RunConfig:
             )
         if self.personal_epochs < 0:
             raise ConfigError(f"{source}: personal-epochs = {self.personal_epochs}; expected >= 0")
+        self._validate_sampling(source)
         self._validate_privacy(source)
         self._validate_failures(source)
         if self.rag_k < 1 and any(_METHODS[name].rag for name in self.method_list):
             raise ConfigError(
                 f"{source}: rag-k = {self.rag_k}, but methods {self.methods!r} retrieve; expected >= 1"
+            )
+
+    def _validate_sampling(self, source: str) -> None:
+        if self.clients_per_round < 0:
+            raise ConfigError(
+                f"{source}: clients-per-round = {self.clients_per_round}; expected >= 0 (0 = fraction-train)"
+            )
+        if not 0.0 <= self.sample_rate < 1.0:
+            raise ConfigError(
+                f"{source}: sample-rate = {self.sample_rate}; expected 0 <= value < 1 (0 = off)"
+            )
+        if self.clients_per_round and self.sample_rate:
+            raise ConfigError(
+                f"{source}: clients-per-round = {self.clients_per_round} and sample-rate = {self.sample_rate}; "
+                "set one of them (fixed-size or Poisson sampling), the other to 0"
+            )
+        if self.clients_per_round and self.privacy not in FIXED_SIZE_SAMPLING:
+            raise ConfigError(
+                f"{source}: clients-per-round works with privacy {FIXED_SIZE_SAMPLING}, not {self.privacy!r} "
+                "(SecAgg+ samples by fraction-train)"
+            )
+        if self.sample_rate and self.privacy not in POISSON_SAMPLING:
+            raise ConfigError(
+                f"{source}: sample-rate (Poisson sampling) works with privacy {POISSON_SAMPLING}, not "
+                f"{self.privacy!r}: its wrapper needs the same number of clients every round"
             )
 
     def _validate_privacy(self, source: str) -> None:
@@ -172,9 +214,23 @@ class RunConfig:
             raise ConfigError(f"{source}: dp-delta = {self.dp_delta}; expected 0 < value < 1")
         if self.max_epsilon < 0:
             raise ConfigError(f"{source}: max-epsilon = {self.max_epsilon}; expected >= 0 (0 = no budget)")
+        if self.target_epsilon < 0:
+            raise ConfigError(f"{source}: target-epsilon = {self.target_epsilon}; expected >= 0 (0 = off)")
+        if self.target_epsilon and self.privacy not in TARGET_EPSILON:
+            raise ConfigError(
+                f"{source}: target-epsilon works with privacy {TARGET_EPSILON}, not {self.privacy!r}"
+            )
+        if not 0.0 <= self.dp_server_momentum < 1.0:
+            raise ConfigError(
+                f"{source}: dp-server-momentum = {self.dp_server_momentum}; expected 0 <= value < 1"
+            )
+        if self.shared_ffa_lora and self.peft_type != "lora":
+            raise ConfigError(
+                f"{source}: shared-ffa-lora = true needs peft-type = 'lora', not {self.peft_type!r}"
+            )
         if self.privacy == "none":
             return
-        if self.noise_multiplier <= 0 and self.privacy != "secagg":
+        if self.noise_multiplier <= 0 and self.privacy != "secagg" and not self.target_epsilon:
             raise ConfigError(
                 f"{source}: privacy = {self.privacy!r} needs noise-multiplier > 0, got {self.noise_multiplier}"
             )

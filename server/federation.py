@@ -24,7 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common import protocol
-from common.adapters import AdapterSpec, StateDict, initial_adapter
+from common.adapters import AdapterSpec, StateDict, initial_adapter, on_the_wire
 from common.cli import console
 from common.config import RunConfig
 from common.methods import METHODS
@@ -33,6 +33,7 @@ from server.checkpoints import CheckpointStore
 from server.grid import RoundFailed, RoundGrid, RoundPolicy, RoundTraffic, UpdateRules, no_reply
 from server.privacy import PrivacyLayer
 from server.results import Evaluation, Missing, RunRecorder
+from server.sampling import FRACTION
 from server.secagg import run_secagg
 from server.strategy import build_strategy
 
@@ -230,12 +231,12 @@ class Federation:
             return latest
         return 0, initial_adapter(self.config.model, self.config.dtype, self.spec, self.config.seed)
 
-    def round_grid(self, privacy: PrivacyLayer, state: StateDict) -> RoundGrid:
+    def round_grid(self, privacy: PrivacyLayer) -> RoundGrid:
         """The grid the rounds go through, with this run's round policy and update rules."""
         config = self.config
         rules = UpdateRules(
             protocol.train_reply_dtype(config.wire_dtype, config.privacy),
-            privacy.update_norm_bound(config.max_update_norm, sum(v.numel() for v in state.values())),
+            privacy.update_norm_bound(config.max_update_norm, privacy.num_weights),
             config.uniform_client_weights,
             protocol.reply_metric_names(protocol.TRAIN, config.privacy),
         )
@@ -258,7 +259,9 @@ class Federation:
             if self.redo("shared"):  # interrupted before, or short of users at, its last evaluation
                 self.evaluate_method("shared", state)
             return state
-        num_weights = sum(tensor.numel() for tensor in state.values())
+        # FFA-LoRA: the rounds train, send, clip and noise B alone; after_round puts A (as drawn) back.
+        wire = on_the_wire(state, config.shared_ffa_lora)
+        num_weights = sum(tensor.numel() for tensor in wire.values())
         privacy = PrivacyLayer(
             config, len(self.node_ids), completed_rounds=start_round, num_weights=num_weights
         )
@@ -268,8 +271,12 @@ class Federation:
             {**privacy.describe(), "rounds_planned": config.num_rounds, "rounds_run": last_round},
             stopped_early=self.stopped_early,
         )
-        stage = SharedTraining(start_round, last_round, privacy, self.round_grid(privacy, state), state)
+        stage = SharedTraining(start_round, last_round, privacy, self.round_grid(privacy), state)
         rounds = last_round - start_round
+
+        def after_round(server_round: int, trained: StateDict) -> None:
+            self.close_round(stage, server_round, {**state, **trained})
+
         try:
             if rounds == 0:  # the budget affords no release: the initial adapter is the shared one
                 self.close_round(stage, 0, state)
@@ -277,24 +284,29 @@ class Federation:
                 run_secagg(
                     stage.grid,
                     privacy,
-                    state,
+                    wire,
                     rounds,
                     start_round,
-                    lambda server_round, weights: self.close_round(stage, server_round, weights),
+                    after_round,
                     stage.aggregate_train,
                     timeout=config.timeout("train"),
                 )
             else:
-                base = build_strategy(config, stage.grid.policy.needed(privacy.sampled))
+                sampling = privacy.sampling
+                if sampling.mode == FRACTION:  # Flower's strategy samples
+                    base = build_strategy(config, stage.grid.policy.needed(privacy.sampled))
+                    stage.grid.min_nodes = base.min_train_nodes
+                else:  # the sampling view shows the strategy exactly the round's clients
+                    base = build_strategy(config.replace(fraction_train=1.0), 0)
+                    stage.grid.min_nodes = sampling.size or 1
                 base.train_metrics_aggr_fn = stage.aggregate_train
-                stage.grid.min_nodes = base.min_train_nodes
-                privacy.wrap(base).start(
+                privacy.wrap(base, start_round, stage.grid.min_nodes).start(
                     stage.grid,
-                    ArrayRecord({k: v.float() for k, v in state.items()}),
+                    ArrayRecord({k: v.float() for k, v in wire.items()}),
                     num_rounds=rounds,
                     timeout=config.timeout("train"),
                     train_config=ConfigRecord({protocol.ROUND_OFFSET: start_round}),
-                    evaluate_fn=lambda r, arrays: self.close_round(stage, r, arrays.to_torch_state_dict()),
+                    evaluate_fn=lambda r, arrays: after_round(r, arrays.to_torch_state_dict()),
                 )
         except RoundFailed as failure:
             self.stop(stage, str(failure))
@@ -319,6 +331,11 @@ class Federation:
         if server_round > 0:
             aggregated, stage.aggregated = stage.aggregated, None
             needed = stage.grid.policy.needed(stage.grid.sampled)
+            if (
+                stage.grid.sampled == 0
+            ):  # Poisson sampled nobody: central-dp released noise alone, else skipped
+                aggregated, needed = 0, 0
+                stage.train_metrics.append({"clients": 0})
             if aggregated is None or aggregated < needed:  # SecAgg+ drops, or a DP wrapper's refusal
                 raise RoundFailed(
                     f"{aggregated or 0} of {stage.grid.sampled} sampled clients were aggregated, {needed} needed"
@@ -341,11 +358,12 @@ class Federation:
     ) -> dict[str, float | None]:
         """A trained round's aggregate went out: compose its privacy cost and checkpoint it."""
         privacy = stage.privacy
-        privacy.released()
+        if traffic.sampled or privacy.setting == "central-dp":  # otherwise an empty round released nothing
+            privacy.released()
         self.checkpoints.save(current, weights, self.spec.peft_config())
         released = {"epsilon": privacy.spent(), "bytes-per-client": traffic.bytes_per_client}
-        if privacy.adaptive is not None:
-            released["clipping-norm"] = privacy.strategy.round_clipping_norm  # this round's
+        if (clip := privacy.round_clipping_norm()) is not None:
+            released["clipping-norm"] = clip  # this round's
         return released
 
     def evaluate_round(self, current: int, last_round: int, weights: StateDict) -> Evaluation | None:

@@ -160,8 +160,10 @@ class RoundGrid:
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         messages = list(messages)
+        if not messages:  # a Poisson round that sampled nobody
+            return []
         self._sampled.update(m.metadata.dst_node_id for m in messages)
-        if messages and _is_update_request(messages[0]):
+        if _is_update_request(messages[0]):
             replies = self._train(messages, timeout)
         else:  # SecAgg+'s stages: its workflow handles dropouts itself, errors included
             replies = [reply for _, reply in self._exchange(messages, timeout, attempt=1)]
