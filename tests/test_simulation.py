@@ -200,8 +200,9 @@ def test_an_interrupted_comparison_says_how_to_continue(tiny_run, tmp_path, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("simulations.privacy_commands.run_point", interrupted)
-    argv = ["compare-privacy", "--settings", "none", "--set", "num-rounds=1", "--results-dir", str(tmp_path)]
+    monkeypatch.setattr("simulations.privacy_commands.simulate", interrupted)
+    argv = ["compare-privacy", "--federation", "run-config", "--settings", "none", "--set", "num-rounds=1"]
+    argv += ["--results-dir", str(tmp_path)]
     assert main(argv) == 130
     said = "".join(capsys.readouterr().err.split())
     rerun = f"continue with: fedoppu {shlex.join([*argv, '--run-dir'])} {tmp_path}/"  # + a new run dir
