@@ -155,7 +155,7 @@ def plot_rounds(metrics: dict, path: Path) -> None:
     times = round_times(metrics)
     time_axis.bar(times["round"], times["train"], label="training")
     time_axis.bar(times["round"], times["evaluate"], bottom=times["train"], label="evaluating")
-    time_axis.set(xlabel="round", ylabel="seconds", title="Time per round")
+    time_axis.set(xlabel="round", ylabel="seconds", title="Time per round (the first loads the model)")
     time_axis.legend(fontsize=8)
     save_figure(figure, path)
 
