@@ -166,7 +166,8 @@ def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_
     )
     try:
         deadline = time.monotonic() + 300
-        while not (run_dir / "checkpoints" / "round-0001").exists() and time.monotonic() < deadline:
+        # latest.json: written after round 1's checkpoint (a Ctrl-C between them resumes from round 0)
+        while not (run_dir / "checkpoints" / "latest.json").exists() and time.monotonic() < deadline:
             assert process.poll() is None, process.communicate()
             time.sleep(0.2)
         os.killpg(process.pid, signal.SIGINT)
