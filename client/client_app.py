@@ -69,7 +69,10 @@ def hidden_states(resident: ResidentModel, limit_mb: int) -> HiddenStates | None
     return HiddenStates(resident, limit_mb * 2**20) if resident.spec.first_layer else None
 
 
-@functools.lru_cache(maxsize=256)  # a simulation worker serves many partitions, every round
+# A simulation worker serves every partition, each round and phase in turn: the cache holds them all
+# (measured: about 170 KB per user of 100 history items, so 45 MB for commit-subjects-sympy's 266),
+# since an LRU smaller than the federation misses on every message.
+@functools.lru_cache(maxsize=4096)
 def _node(config: RunConfig, node_items: tuple, run_dir: str, policy: NodePolicy) -> NodeUsers:
     return node_users(config, dict(node_items), run_dir, policy)
 

@@ -334,10 +334,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_run_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults from pyproject, then a TOML file of overrides, then `key=value` overrides."""
+def load_run_config(
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    preset: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Defaults from pyproject, then a command's `preset` (e.g. compare-privacy's federations), then a
+    TOML file of overrides, then `key=value` overrides."""
     values = default_config_values()
     source = "run config"
+    if preset:
+        _check_known(preset, values, "preset")
+        values.update(preset)
     if config_file is not None:
         path = Path(config_file)
         try:

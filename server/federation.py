@@ -141,7 +141,8 @@ class Federation:
         showing progress as nodes finish; returns the good replies and the dropped nodes' reasons
         (an error, no reply in time, or a node of the run no longer connected)."""
         connected = sorted(self.grid.get_node_ids())
-        dropped = {node: "not connected" for node in self.node_ids if node not in connected}
+        online = set(connected)
+        dropped = {node: "not connected" for node in self.node_ids if node not in online}
         messages = protocol.requests(
             message_type, connected, method=method or "", shared=shared, config=extra
         )
@@ -152,7 +153,7 @@ class Federation:
             m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in pushed
         }
         pending, waiting = set(asked), set(asked.values())
-        dropped |= {node: "could not be sent" for node in set(connected) - waiting}
+        dropped |= {node: "could not be sent" for node in online - waiting}
         timeout = self.config.timeout(phase)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -348,9 +349,11 @@ class Federation:
         if server_round == 0 and stage.start_round > 0:
             return  # that round was evaluated before the run was interrupted
         round_privacy = self.release(stage, current, weights, traffic) if traffic is not None else None
+        evaluating = time.monotonic()
         evaluation = self.evaluate_round(current, stage.last_round, weights)
+        seconds = {"evaluate": time.monotonic() - evaluating} if evaluation is not None else None
         dropped = self.named(traffic.dropped) if traffic is not None else []
-        self.recorder.record_round(current, train, evaluation, round_privacy, dropped)
+        self.recorder.record_round(current, train, evaluation, round_privacy, dropped, seconds)
         stage.round_started = time.monotonic()
 
     def release(

@@ -130,9 +130,14 @@ class RunRecorder:
         evaluation: Evaluation | None,
         privacy: dict[str, Any] | None = None,
         dropped: list[dict] | None = None,
+        seconds: dict[str, float] | None = None,
     ) -> None:
+        """`train` holds the round's training time (`seconds`: sending it to its aggregate); `seconds`
+        the time of what the server did after it, e.g. {"evaluate": ...}."""
         rounds = [r for r in self.data["rounds"] if r["round"] != server_round]
         entry: dict[str, Any] = {"round": server_round}
+        if seconds:
+            entry["seconds"] = seconds
         if privacy:
             entry["privacy"] = privacy
         if train is not None:

@@ -18,11 +18,13 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.date import now
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
@@ -113,6 +115,38 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def next_messages(state, nodes: list[int]) -> list[Message]:
+    """Each node's oldest undelivered message, marked delivered, in the order of `nodes`: what Flower
+    1.42's dispatcher collects per tick with one `get_message_ins(node, limit=1)` per node. Each of
+    those calls checks every stored message (expiry, federation), so a tick costs nodes x messages
+    checks: at 200 nodes, with a broadcast's 200 messages in the store, that kept a core busy every
+    0.1 s. Here every stored message is checked once per tick."""
+    wanted = set(nodes)
+    with state.lock:
+        stored = list(state.message_ins_store)
+        state._check_stored_messages(set(stored))  # drops expired messages, as get_message_ins does
+        first: dict[int, Message] = {}
+        for message_id in stored:
+            message = state.message_ins_store.get(message_id)
+            if message is None or message.metadata.delivered_at != "":
+                continue
+            if (node := message.metadata.dst_node_id) in wanted:
+                first.setdefault(node, message)
+        delivered_at = now().isoformat()
+        for message in first.values():
+            message.metadata.delivered_at = delivered_at
+    return [first[node] for node in nodes if node in first]
+
+
+def _add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:
+    """Flower 1.42's `vce_api.add_messages_to_queue`, one pass over the stored messages per tick."""
+    nodes = list(nodes_mapping)
+    while not f_stop.is_set():
+        for message in next_messages(state, nodes):
+            queue.put(message)
+        f_stop.wait(0.1)
+
+
 def _run_in_process(config: RunConfig, num_supernodes: int, engine: EngineOptions) -> None:
     os.setsid()  # the terminal's Ctrl-C goes to the parent alone; it stops this group (_stop_group)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -120,6 +154,7 @@ def _run_in_process(config: RunConfig, num_supernodes: int, engine: EngineOption
     if not engine.flower_log:  # fedoppu's progress bars and report are what a user reads
         logging.getLogger("flwr").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
+    vce_api.add_messages_to_queue = _add_messages_to_queue  # in this federation's process only
     components = _components()
     server_attr, client_attr = engine.server_app or components[0], engine.client_app or components[1]
     run_config = config.to_flower()

@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -106,10 +107,37 @@ def plot_methods(metrics: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
+def round_times(metrics: dict) -> dict:
+    """Seconds per trained round: training (sending the round to its aggregate) and the evaluation
+    after it, where there was one."""
+    trained = [r for r in metrics.get("rounds", []) if "seconds" in r.get("train", {})]
+    return {
+        "round": [r["round"] for r in trained],
+        "train": [r["train"]["seconds"] for r in trained],
+        "evaluate": [r.get("seconds", {}).get("evaluate", 0.0) for r in trained],
+        "recorded": any("seconds" in r for r in trained),  # runs before evaluation was timed: not
+    }
+
+
+def round_time_line(metrics: dict) -> str | None:
+    """One line for the terminal: how long a round took, and what of it was training."""
+    times = round_times(metrics)
+    if not times["round"]:
+        return None
+    total = [t + e for t, e in zip(times["train"], times["evaluate"], strict=True)]
+    sampled = [r["train"].get("sampled") for r in metrics["rounds"] if "seconds" in r.get("train", {})]
+    clients = f", {sum(sampled) / len(sampled):.1f} clients sampled per round" if all(sampled) else ""
+    evaluating = f" and evaluating {np.median(times['evaluate']):.1f} s" if times["recorded"] else ""
+    return (
+        f"time per round: {np.median(total):.1f} s median ({min(total):.1f}-{max(total):.1f}) over "
+        f"{len(total)} rounds, of which training {np.median(times['train']):.1f} s{evaluating}{clients}"
+    )
+
+
 def plot_rounds(metrics: dict, path: Path) -> None:
     key = metrics["primary_metric"]
     rounds = metrics.get("rounds", [])
-    figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(9, 3.4))
+    figure, (loss_axis, eval_axis, time_axis) = plt.subplots(1, 3, figsize=(13, 3.4))
     trained = [r for r in rounds if "train" in r]
     loss_axis.plot([r["round"] for r in trained], [r["train"].get("train-loss") for r in trained], marker="o")
     loss_axis.set(xlabel="round", ylabel="train loss (shared adapter)", title="Local training loss")
@@ -124,6 +152,11 @@ def plot_rounds(metrics: dict, path: Path) -> None:
             )
     eval_axis.set(xlabel="round", ylabel=key, title=f"Shared adapter {key} per round")
     eval_axis.legend(fontsize=8)
+    times = round_times(metrics)
+    time_axis.bar(times["round"], times["train"], label="training")
+    time_axis.bar(times["round"], times["evaluate"], bottom=times["train"], label="evaluating")
+    time_axis.set(xlabel="round", ylabel="seconds", title="Time per round (the first loads the model)")
+    time_axis.legend(fontsize=8)
     save_figure(figure, path)
 
 
@@ -152,13 +185,18 @@ def plot_user_gain(metrics: dict, path: Path) -> bool:
     }
     by_group = metrics.get("uncertainty", {}).get("groups", {})
     figure, axis = plt.subplots(figsize=(6, 3.6))
+    # Hundreds of users share a few distinct gains (few queries each): spread each group's dots
+    # sideways (seeded) and shrink them, so that a crowd reads as a crowd, not as one dot.
+    jitter = np.random.default_rng(0)
+    size = 20 if len(gains) <= 60 else 6
     for index, group in enumerate(GROUPS):
         members = [uid for uid in gains if groups[uid] == group]
-        axis.scatter([index] * len(members), [gains[uid] for uid in members], alpha=0.5)
+        offsets = jitter.uniform(-0.12, 0.12, len(members)) if len(members) > 1 else np.zeros(len(members))
+        axis.scatter(index + offsets, [gains[uid] for uid in members], alpha=0.5, s=size)
         pooled = _difference(by_group.get(group, {}), "oppu", "shared")
         if pooled is not None and pooled["lo"] is not None:
             value, lo, hi = (sign * pooled[k] for k in ("value", "lo", "hi"))
-            axis.errorbar(index + 0.15, value, yerr=[[value - min(lo, hi)], [max(lo, hi) - value]],
+            axis.errorbar(index + 0.25, value, yerr=[[value - min(lo, hi)], [max(lo, hi) - value]],
                           fmt="D", color="black", capsize=5)  # fmt: skip
     axis.axhline(0, color="gray", linewidth=0.8)
     axis.set_xticks(range(3), list(GROUPS))
@@ -209,6 +247,8 @@ def write_report(run_dir: str | Path, console: Console | None = None) -> list[di
         console.print(summary_table(metrics, rows))
         if metrics.get("uncertainty", {}).get("differences"):
             console.print(differences_table(metrics))
+        if line := round_time_line(metrics):
+            console.print(line)
         for line in failure_lines(metrics):
             console.print(f"[yellow]{escape(line)}[/]")
     return rows

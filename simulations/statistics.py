@@ -85,13 +85,24 @@ def _interval(samples: np.ndarray, users: int) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def estimate(task: Task, metric: str, counts: Sequence[Mapping[str, float]], weights: np.ndarray) -> Estimate:
-    """The pooled `metric` over these users' counts, with its bootstrap interval (one weight column
-    per user, in the same order)."""
+def resampled(
+    task: Task, metric: str, counts: Sequence[Mapping[str, float]], weights: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """The pooled `metric` over these users' counts, and its value in each resample (one weight column
+    per user, in the same order): what every estimate here is made of."""
     keys, matrix = _matrix(counts)
     value = metrics_from_counts(task, dict(zip(keys, matrix.sum(axis=0), strict=True)))[metric]
-    samples = _metric_per_resample(task, metric, keys, weights @ matrix)
-    return Estimate(float(value), *_interval(samples, len(counts)), len(counts))
+    return float(value), _metric_per_resample(task, metric, keys, weights @ matrix)
+
+
+def estimate(task: Task, metric: str, counts: Sequence[Mapping[str, float]], weights: np.ndarray) -> Estimate:
+    """The pooled `metric` over these users' counts, with its bootstrap interval."""
+    return sampled_estimate(*resampled(task, metric, counts, weights), len(counts))
+
+
+def sampled_estimate(value: float, samples: np.ndarray, users: int) -> Estimate:
+    """A value with the percentile interval of its resamples (none below MIN_USERS users)."""
+    return Estimate(value, *_interval(samples, users), users)
 
 
 def paired_difference(
@@ -102,14 +113,22 @@ def paired_difference(
     weights: np.ndarray,
 ) -> Estimate:
     """first - second on the same users (same order), resampling users once for both."""
-    keys_a, a = _matrix(first)
-    keys_b, b = _matrix(second)
-    value_a = metrics_from_counts(task, dict(zip(keys_a, a.sum(axis=0), strict=True)))[metric]
-    value_b = metrics_from_counts(task, dict(zip(keys_b, b.sum(axis=0), strict=True)))[metric]
-    samples = _metric_per_resample(task, metric, keys_a, weights @ a) - _metric_per_resample(
-        task, metric, keys_b, weights @ b
-    )
-    return Estimate(float(value_a - value_b), *_interval(samples, len(first)), len(first))
+    value_a, samples_a = resampled(task, metric, first, weights)
+    value_b, samples_b = resampled(task, metric, second, weights)
+    return sampled_estimate(value_a - value_b, samples_a - samples_b, len(first))
+
+
+def ratio(
+    numerator: tuple[float, np.ndarray], denominator: tuple[float, np.ndarray], users: int, sign: float = 1.0
+) -> Estimate:
+    """numerator / denominator of paired quantities (value and resamples, from the same weights), e.g.
+    the share of a gain kept. Defined only where sign * denominator > 0 (a gain to share): NaN when the
+    point estimate's is not, and resamples whose is not are left out of the interval."""
+    (top, tops), (bottom, bottoms) = numerator, denominator
+    value = top / bottom if sign * bottom > 0 else math.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        samples = np.where(sign * bottoms > 0, tops / bottoms, np.nan)
+    return sampled_estimate(value, samples, users)
 
 
 def history_groups(history: Mapping[str, int]) -> dict[str, str]:

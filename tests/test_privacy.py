@@ -20,8 +20,6 @@ from common.config import ConfigError, load_run_config
 from common.protocol import LEGACY_KEYS
 from server.privacy import PrivacyLayer, RoundRefused
 from server.strategy import build_strategy
-from simulations.privacy_commands import GridPoint, parse_grid
-from simulations.privacy_report import research_answer
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -345,36 +343,3 @@ def test_legacy_fit_messages_reach_the_train_handler_as_named_arrays():
     assert fitres.metrics == {"num-examples": 1, "train-loss": 0.5}
     for got, sent in zip(parameters_to_ndarrays(fitres.parameters), received, strict=True):
         np.testing.assert_array_equal(got, sent + 1)  # back in the order the server sent
-
-
-def test_the_grid_expands_noise_levels_and_keeps_noiseless_settings_once():
-    points = parse_grid("none,central-dp,local-dp@0.3,secagg", "0.5,1", default_noise=1.0)
-    assert [p.label for p in points] == [
-        "none",
-        "central-dp-z0.5",
-        "central-dp-z1",
-        "local-dp-z0.3",
-        "secagg",
-    ]
-    assert GridPoint("secagg", 0.0).label == "secagg"
-    with pytest.raises(ConfigError, match="expected settings"):
-        parse_grid("none,dp", None, 1.0)
-
-
-def test_the_summary_answers_the_research_question_in_numbers():
-    rows = [
-        {
-            "run": "none",
-            "setting": "none",
-            "epsilon": None,
-            "shared": 0.6,
-            "oppu": 0.8,
-            "stopped_early": False,
-        },
-        {"run": "central-dp-z1", "setting": "central-dp", "epsilon": 7.1, "shared": 0.2, "oppu": 0.5}
-        | {"stopped_early": True},
-    ]
-    lines = research_answer(rows, higher_is_better=True)
-    assert "personal adapters add +0.2000" in lines[0]
-    assert "DP costs shared-only +0.4000; OPPU wins back +0.3000 (75% of it)" in lines[1]
-    assert "OPPU vs OPPU without privacy -0.3000" in lines[1] and "stopped early" in lines[1]

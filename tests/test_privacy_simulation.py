@@ -1,7 +1,8 @@
 """`fedoppu compare-privacy` with the tiny model: every setting end to end, epsilon, and a budget stop.
 
-One comparison runs the six privacy settings (2 users, 2 rounds, 2 local steps each; `none` is
-tests/test_simulation.py's, and the summary's arithmetic is tests/test_privacy.py's). Its budget,
+One comparison runs zero-shot and local once (its reference run) and the six privacy settings (2 users,
+2 rounds, 2 local steps each; `none` is tests/test_simulation.py's, and the table's and summary's
+arithmetic is tests/test_privacy_comparison.py's). Its budget,
 max-epsilon = 12, fits both rounds of every DP setting but local-dp, whose second round would reach
 epsilon 16.5: that run must stop after round 1 and still personalize, evaluate and report.
 """
@@ -30,7 +31,8 @@ OVERRIDES = {
 def comparison(tiny_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("privacy") / "compare"
     overrides = {**tiny_run, **OVERRIDES}
-    argv = ["compare-privacy", "--settings", ",".join(SETTINGS), "--run-dir", str(run_dir)]
+    argv = ["compare-privacy", "--federation", "run-config", "--settings", ",".join(SETTINGS)]
+    argv += ["--run-dir", str(run_dir)]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
     assert main(argv) == 0
@@ -48,18 +50,38 @@ def test_every_setting_trains_personalizes_and_is_reported(comparison):
         assert set(metrics["methods"]) == {"shared", "oppu"}, label
         assert all(m["overall"]["n"] == 4 for m in metrics["methods"].values()), label
         assert metrics["personalize"]["oppu"]["users-trained"] == 2, label
+    # zero-shot and local depend on no privacy setting: one run for all of them
+    reference = comparison / "runs" / "reference"
+    assert set(read_json(reference / "metrics.json")["methods"]) == {"zero-shot", "local"}
+    assert read_json(reference / "config.json")["run_config"]["privacy"] == "none"
     with open(comparison / "privacy" / "table.csv") as handle:
-        rows = {row["run"]: row for row in csv.DictReader(handle)}
-    assert list(rows) == list(LABELS)
+        table = list(csv.DictReader(handle))
+    assert [(r["run"], r["method"]) for r in table] == [
+        ("reference", "zero-shot"),
+        ("reference", "local"),
+        *((label, method) for label in LABELS for method in ("shared", "oppu")),
+    ]
+    rows = {row["run"]: row for row in table if row["method"] == "shared"}
     assert rows["secagg"]["epsilon"] == ""  # no DP: no epsilon claimed
     assert float(rows["central-dp-z1"]["epsilon"]) > 0 and rows["central-dp-z1"]["delta"] == "1e-05"
     # SecAgg+ uploads public keys, key shares and a masked vector: more than the plain adapter
     assert int(rows["secagg"]["bytes_per_client_round"]) > int(
         rows["central-dp-z1"]["bytes_per_client_round"]
     )
-    for plot in ("utility_vs_epsilon.png", "rounds.png"):
-        assert (comparison / "privacy" / plot).stat().st_size > 1000
+    assert (comparison / "privacy" / "utility_vs_epsilon.png").stat().st_size > 1000
     assert "No 'none' run to compare with" in (comparison / "privacy" / "summary.txt").read_text()
+
+
+def test_a_rerun_keeps_every_finished_federation(comparison, tiny_run, monkeypatch):
+    def rerun(*args, **kwargs):
+        raise AssertionError("a finished federation ran again")
+
+    monkeypatch.setattr("simulations.privacy_commands.simulate", rerun)
+    argv = ["compare-privacy", "--federation", "run-config", "--settings", ",".join(SETTINGS)]
+    argv += ["--run-dir", str(comparison)]
+    for key, value in {**tiny_run, **OVERRIDES}.items():
+        argv += ["--set", f"{key}={value}"]
+    assert main(argv) == 0
 
 
 def test_recorded_epsilon_matches_an_independent_accountant(comparison):
@@ -103,7 +125,7 @@ def test_a_run_that_exhausts_its_budget_stops_cleanly_and_keeps_its_results(comp
     for label in ("central-dp-z1", "secagg+dp-z1"):
         assert _metrics(comparison, label)["stopped_early"] is False
     with open(comparison / "privacy" / "table.csv") as handle:
-        row = next(r for r in csv.DictReader(handle) if r["run"] == "local-dp-z1")
+        row = next(r for r in csv.DictReader(handle) if r["run"] == "local-dp-z1" and r["method"] == "oppu")
     assert row["stopped_early"] == "True" and row["rounds"] == "1/2"
     summary = (comparison / "privacy" / "summary.txt").read_text()
     assert "Stopped early by the privacy budget (results kept): local-dp-z1 after 1/2 rounds." in summary

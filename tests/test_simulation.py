@@ -166,7 +166,8 @@ def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_
     )
     try:
         deadline = time.monotonic() + 300
-        while not (run_dir / "checkpoints" / "round-0001").exists() and time.monotonic() < deadline:
+        # latest.json: written after round 1's checkpoint (a Ctrl-C between them resumes from round 0)
+        while not (run_dir / "checkpoints" / "latest.json").exists() and time.monotonic() < deadline:
             assert process.poll() is None, process.communicate()
             time.sleep(0.2)
         os.killpg(process.pid, signal.SIGINT)
@@ -200,8 +201,9 @@ def test_an_interrupted_comparison_says_how_to_continue(tiny_run, tmp_path, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("simulations.privacy_commands.run_point", interrupted)
-    argv = ["compare-privacy", "--settings", "none", "--set", "num-rounds=1", "--results-dir", str(tmp_path)]
+    monkeypatch.setattr("simulations.privacy_commands.simulate", interrupted)
+    argv = ["compare-privacy", "--federation", "run-config", "--settings", "none", "--set", "num-rounds=1"]
+    argv += ["--results-dir", str(tmp_path)]
     assert main(argv) == 130
     said = "".join(capsys.readouterr().err.split())
     rerun = f"continue with: fedoppu {shlex.join([*argv, '--run-dir'])} {tmp_path}/"  # + a new run dir
