@@ -24,7 +24,14 @@ from typing import Any
 from rich.console import Console
 
 from common.cli import Interrupted, add_run_config_arguments, console, sigterm_interrupts
-from common.config import PRIVACY_SETTINGS, PROJECT_DIR, ConfigError, RunConfig, load_run_config
+from common.config import (
+    POISSON_SAMPLING,
+    PRIVACY_SETTINGS,
+    PROJECT_DIR,
+    ConfigError,
+    RunConfig,
+    load_run_config,
+)
 from common.io import read_json
 from simulations.engine import EngineOptions, add_engine_arguments
 from simulations.privacy_report import write_privacy_report
@@ -130,6 +137,9 @@ def point_config(base: RunConfig, overrides: dict[str, Any], run_dir: Path, labe
     """The base config with a run's own keys (through the run-config mapping, so keys the base's
     class does not name as fields are checked the same way)."""
     values = {**base.to_flower(), **overrides, "run-dir": str(run_dir), "resume": False}
+    if base.sample_rate and values["privacy"] not in POISSON_SAMPLING:
+        # Its wrappers need a fixed cohort: the same expected clients per round, no sampling credit.
+        values.update({"sample-rate": 0.0, "fraction-train": base.sample_rate})
     config = RunConfig.from_mapping(values, f"compare-privacy run {label}")
     config.validate(f"compare-privacy run {label}")
     return config

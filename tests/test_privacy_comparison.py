@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from common.config import ConfigError, default_config_values, load_run_config
+from common.config import POISSON_SAMPLING, ConfigError, load_run_config
 from common.metrics import merge_counts, metric_counts, metrics_from_counts
 from common.tasks import get_task
-from simulations.privacy_commands import FEDERATIONS, GridPoint, parse_grid
+from simulations.privacy_commands import DEFAULT_SETTINGS, FEDERATIONS, GridPoint, parse_grid, point_config
 from simulations.privacy_report import Scores, comparison_rows, research_answer, write_privacy_report
 
 USERS = 20  # 2 queries each: a pooled accuracy is a multiple of 1/40
@@ -40,15 +40,17 @@ def test_the_grid_expands_noise_levels_takes_target_epsilons_and_keeps_noiseless
         parse_grid("central-dp@epsfour", None, 1.0)
 
 
-@pytest.mark.skipif(
-    not {"sample-rate", "target-epsilon"} <= set(default_config_values()),
-    reason="the comparison's federations set keys of the dp branch (sample-rate, target-epsilon)",
-)
 @pytest.mark.parametrize("federation", sorted(FEDERATIONS))
-def test_the_comparison_federations_are_valid_run_configs(federation):
-    config = load_run_config(None, ["num-rounds=1"], preset=FEDERATIONS[federation])
-    config.validate(federation)
-    assert config.num_rounds == 1  # --set applies over the preset
+def test_every_default_setting_is_a_valid_run_config_of_each_federation(federation, tmp_path):
+    """Settings whose wrappers cannot take Poisson sampling get the same expected cohort by fraction."""
+    base = load_run_config(None, ["num-rounds=1"], preset=FEDERATIONS[federation])
+    assert base.num_rounds == 1  # --set applies over the preset
+    for point in parse_grid(DEFAULT_SETTINGS, None, base.noise_multiplier):
+        config = point_config(base, point.overrides(), tmp_path / point.label, point.label)
+        if base.sample_rate and config.privacy not in POISSON_SAMPLING:
+            assert (config.sample_rate, config.fraction_train) == (0.0, base.sample_rate)
+        else:
+            assert config.sample_rate == base.sample_rate
 
 
 def _entry(task, correct: int, wrong: str = "orin", gold: str = "vexa") -> dict:

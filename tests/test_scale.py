@@ -11,7 +11,7 @@ from simulations.report import round_time_line, write_report
 from simulations.simulate import simulate
 
 USERS = 40
-SAMPLED = 4  # fraction-train 0.1 of 40 clients
+SAMPLED = 4  # clients-per-round: 4 of 40 clients
 
 
 def test_a_round_samples_a_few_of_many_clients_and_every_user_is_personalized_and_scored(tiny_run, tmp_path):
@@ -21,7 +21,7 @@ def test_a_round_samples_a_few_of_many_clients_and_every_user_is_personalized_an
         "benchmark-min-history": 2,
         "benchmark-max-history": 6,
         "benchmark-queries": 1,
-        "fraction-train": SAMPLED / USERS,
+        "clients-per-round": SAMPLED,
         "eval-every-round": "false",
         "methods": '"shared,oppu"',
         "run-dir": f'"{tmp_path / "run"}"',
