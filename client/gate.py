@@ -107,14 +107,17 @@ def gated_personal_adapter(
     weights = config.gate_weights if shared is not None else (1.0,)
     shared = None if shared is None else clone_state(shared)  # not a view of a slot this call refills
 
+    def held_out_loss() -> float:
+        return evaluation_loss(
+            resident, holdout, batch_size=config.batch_size, autocast_bf16=autocast_bf16, hidden=hidden
+        )
+
     def loss_with(weight: float, personal: StateDict | None) -> float:
         resident.load(SHARED, None if shared is None else weighted(shared, weight))
         if personal is not None:
             resident.load(PERSONAL, personal)
         resident.use(personal=personal is not None)
-        return evaluation_loss(
-            resident, holdout, batch_size=config.batch_size, autocast_bf16=autocast_bf16, hidden=hidden
-        )
+        return held_out_loss()
 
     candidates = [Candidate(loss_with(w, None), w, None) for w in weights]
     base = min(candidates, key=lambda c: c.loss)  # first of equals: the larger weight
@@ -123,18 +126,16 @@ def gated_personal_adapter(
     resident.use(personal=True)
     steps = math.ceil(len(train) * config.personal_epochs / config.batch_size)
     checks = evaluation_steps(steps, config.personal_gate_evals)
-    kept = [Candidate(math.inf, base.shared_weight, None)]
-    since_best = 0
+    best, since_best = None, 0
 
     def on_step(step: int, _loss: float) -> bool:
-        nonlocal since_best
+        """Early stopping: keep the state with the lowest held-out loss; stop after PATIENCE misses."""
+        nonlocal best, since_best
         if step not in checks:
             return False
-        loss = evaluation_loss(
-            resident, holdout, batch_size=config.batch_size, autocast_bf16=autocast_bf16, hidden=hidden
-        )
-        if loss < kept[0].loss:
-            kept[0] = Candidate(loss, base.shared_weight, clone_state(resident.state(PERSONAL)), step)
+        loss = held_out_loss()
+        if best is None or loss < best.loss:
+            best = Candidate(loss, base.shared_weight, clone_state(resident.state(PERSONAL)), step)
             since_best = 0
         else:
             since_best += 1
@@ -153,13 +154,12 @@ def gated_personal_adapter(
         hidden=hidden,
         on_step=on_step,
     )
-    best_personal = kept[0]
-    if best_personal.personal is not None:
-        candidates.append(best_personal)
+    if best is not None:  # and the kept adapter with the shared adapter at the other weights
+        candidates.append(best)
         candidates += [
-            Candidate(loss_with(w, best_personal.personal), w, best_personal.personal, best_personal.step)
+            Candidate(loss_with(w, best.personal), w, best.personal, best.step)
             for w in weights
-            if w != best_personal.shared_weight
+            if w != best.shared_weight
         ]
     chosen = min(candidates, key=lambda c: c.loss)  # first of equals: no personal adapter, larger weight
     resident.load(PERSONAL, chosen.personal)  # None: the identity, which is what is stored
