@@ -20,6 +20,9 @@ adapter fits badly, that can fall below the shared adapter alone or below a pers
    personal adapter with the shared adapter at each weight (FedDPA's mix of a global and a local
    adapter at answering time, with the weight chosen per user instead of per instance). Ties go to
    no personal adapter and to weight 1.
+5. With `personal-gate-refit`, a personal adapter that won is trained again on the whole history
+   (held-out items included) for the same share of the budget: the choice is made on the held-out
+   slice, the adapter that answers has seen every item. The held-out loss recorded is the choice's.
 
 Everything here stays on the node: the decision is stored with the adapter (client/store.py,
 `GateDecision`) and applied when the node answers (client/inference.py). The evaluations run on the
@@ -163,6 +166,25 @@ def gated_personal_adapter(
         ]
     chosen = min(candidates, key=lambda c: c.loss)  # first of equals: no personal adapter, larger weight
     resident.load(PERSONAL, chosen.personal)  # None: the identity, which is what is stored
+    if chosen.personal is not None and config.personal_gate_refit:
+        # The same share of the budget on the whole history: the held-out items are too many of a light
+        # user's few to leave out of the adapter that answers.
+        budget = math.ceil(len(examples) * config.personal_epochs / config.batch_size)
+        resident.load(SHARED, None if shared is None else weighted(shared, base.shared_weight))
+        resident.load(PERSONAL, start)
+        resident.use(personal=True)
+        result = train_slot(
+            resident,
+            PERSONAL,
+            examples,
+            steps=round(budget * chosen.step / steps),
+            batch_size=config.batch_size,
+            micro_batch_size=config.micro_batch_size,
+            learning_rate=config.personal_learning_rate,
+            seed=seed,
+            autocast_bf16=autocast_bf16,
+            hidden=hidden,
+        )
     decision = GateDecision(
         config.gate_setting,
         shared_weight=chosen.shared_weight,

@@ -99,6 +99,7 @@ class RunConfig:
     personal_holdout: float
     personal_gate_evals: int
     personal_gate_weights: str
+    personal_gate_refit: bool
     rag_k: int
     profile: str
     max_item_tokens: int
@@ -259,7 +260,8 @@ class RunConfig:
         if self.personal_gate == "none":
             return "none"
         weights = ",".join(f"{w:g}" for w in self.gate_weights)
-        return f"{self.personal_gate}:holdout={self.personal_holdout:g}:evals={self.personal_gate_evals}:weights={weights}"
+        refit = ":refit" if self.personal_gate_refit else ""
+        return f"{self.personal_gate}:holdout={self.personal_holdout:g}:evals={self.personal_gate_evals}:weights={weights}{refit}"
 
     @property
     def target_module_list(self) -> list[str]:

@@ -81,12 +81,15 @@ def test_early_stopping_keeps_the_state_with_the_lowest_held_out_loss(tiny_model
     rng = random.Random(0)
     examples = [encode_example(tokenizer, p, rng.choice([" yes", " no"]), 32) for p in _prompts(16, 0)]
     config = _gate_config(
-        "personal-gate=choice", "personal-epochs=20", "personal-learning-rate=0.1", "personal-gate-evals=10"
+        "personal-gate=choice",
+        "personal-gate-refit=false",
+        "personal-epochs=20",
+        "personal-learning-rate=0.1",
+        "personal-gate-evals=10",
     )
     start = resident.fresh(PERSONAL, 1)
-    state, _, decision = gated_personal_adapter(
-        config, resident, examples, None, start, user_id="u", seed=1, autocast_bf16=False, hidden=None
-    )
+    options = {"user_id": "u", "seed": 1, "autocast_bf16": False, "hidden": None}
+    state, _, decision = gated_personal_adapter(config, resident, examples, None, start, **options)
     assert decision.uses_personal and 0 < decision.epochs < config.personal_epochs
     split = holdout_split(len(examples), config.personal_holdout, config.seed, "u")
     holdout = [examples[i] for i in split.holdout]
@@ -97,6 +100,23 @@ def test_early_stopping_keeps_the_state_with_the_lowest_held_out_loss(tiny_model
     resident.load(PERSONAL, start)  # the same training, to the end of the budget
     train_slot(resident, PERSONAL, train, steps=len(train) * 20 // 4, batch_size=4, learning_rate=0.1, seed=1)
     assert evaluation_loss(resident, holdout, batch_size=4) > decision.holdout_loss + 0.01
+    # Refit: the same share of the budget again, on the whole history.
+    refit, _, again = gated_personal_adapter(
+        config.replace(personal_gate_refit=True), resident, examples, None, start, **options
+    )
+    assert again.epochs == decision.epochs and again.holdout_loss == pytest.approx(decision.holdout_loss)
+    kept_steps = round(decision.epochs * len(train) / 4)
+    resident.load(PERSONAL, start)
+    train_slot(
+        resident,
+        PERSONAL,
+        examples,
+        steps=round(80 * kept_steps / 60),
+        batch_size=4,
+        learning_rate=0.1,
+        seed=1,
+    )
+    assert all(torch.allclose(refit[k], resident.state(PERSONAL)[k]) for k in refit)
 
 
 def test_a_personal_adapter_that_hurts_on_held_out_history_is_not_used(tiny_model):
