@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from client.gate import gated_personal_adapter
 from client.hidden import HIDDEN_DIR, HiddenStates, HiddenStore, persisted
 from client.inference import answer_users
 from client.mods import GuardedClientApp, PrivacyGuard, ReplyRules, audit_mod, privacy_layer_mod
@@ -40,7 +41,7 @@ from client.policy import (
     release_multiplier,
 )
 from client.resident import PERSONAL, SHARED, ResidentModel
-from client.store import PersonalAdapterStore
+from client.store import AdapterRecord, GateDecision, PersonalAdapterStore
 from client.training import train_slot
 from client.users import NodeUsers, UserContext, node_users
 from common import protocol
@@ -221,22 +222,25 @@ def personalize(msg: Message, context: Context) -> Message:
     resident.load(SHARED, shared)
     shared_digest = state_digest(shared) if shared is not None else "none"
     shared_round = protocol.config_value(msg, protocol.SHARED_ROUND) if shared is not None else None
+    gate_setting = gate_setting_for(config, method)
     store = PersonalAdapterStore(node.state_dir)
     losses, reused, started = [], 0, time.perf_counter()
     for ctx in node.contexts:
         stored = store.load(method.name, ctx.user.user_id)
         fingerprint = history_fingerprint(ctx.user.history)
-        current = stored is not None and (stored[0].shared_digest, stored[0].data_fingerprint) == (
-            shared_digest,
-            fingerprint,
-        )
+        current = stored is not None and (
+            stored[0].shared_digest,
+            stored[0].data_fingerprint,
+            stored[0].gate.setting,
+        ) == (shared_digest, fingerprint, gate_setting)
         if current:
             reused += 1
             continue
         # A stored adapter of another layout (e.g. from a run with other adapter-layers) cannot be
-        # continued: the user starts afresh.
-        start = stored[1] if stored and resident.mismatch(PERSONAL, stored[1]) is None else None
-        state, loss = personal_adapter(config, resident, ctx, method, start, node.state_dir)
+        # continued, nor can the identity kept for a user answered without one: the user starts afresh.
+        continued = stored and stored[0].gate.uses_personal and resident.mismatch(PERSONAL, stored[1]) is None
+        start = stored[1] if continued else None
+        state, loss, gate = personal_adapter(config, resident, ctx, method, start, node.state_dir, shared)
         store.save(
             method.name,
             ctx.user.user_id,
@@ -245,11 +249,13 @@ def personalize(msg: Message, context: Context) -> Message:
             shared_digest=shared_digest,
             data_fingerprint=fingerprint,
             shared_version=None if shared_round is None else int(shared_round),
+            gate=gate,
         )
-        losses.append(loss)
+        if not math.isnan(loss):
+            losses.append(loss)
     metrics = {
         "num-users": len(node.contexts),
-        "users-trained": len(losses),
+        "users-trained": len(node.contexts) - reused,
         "users-reused": reused,
         "personal-seconds": time.perf_counter() - started,
     }
@@ -259,6 +265,12 @@ def personalize(msg: Message, context: Context) -> Message:
     return Message(RecordDict({protocol.METRICS: reply}), reply_to=msg)
 
 
+def gate_setting_for(config: RunConfig, method: Method) -> str:
+    """The gate a method's personal adapters are decided under: the run's for the methods built on
+    the shared adapter; `local` trains as OPPU's original does."""
+    return config.gate_setting if method.shared else GateDecision().setting
+
+
 def personal_adapter(
     config: RunConfig,
     resident: ResidentModel,
@@ -266,17 +278,33 @@ def personal_adapter(
     method: Method,
     start: StateDict | None,
     state_dir: Path,
-) -> tuple[StateDict, float]:
+    shared: StateDict | None = None,
+) -> tuple[StateDict, float, GateDecision]:
     """Train one user's personal adapter (from `start`, or a fresh one seeded by the user id) with the
-    context its method answers with, on top of whatever the shared slot holds; returns it and its mean
-    training loss."""
+    context its method answers with, on top of the shared adapter (`shared`, also in the shared slot);
+    returns it, its mean training loss and how the user is answered with it. Under the run's gate
+    (client/gate.py) the methods built on the shared adapter keep it only as far as it helps on the
+    user's held-out history."""
     seed = config.seed * 1_000_003 + zlib.crc32(ctx.user.user_id.encode())
-    resident.load(PERSONAL, start if start is not None else resident.fresh(PERSONAL, seed))
-    resident.use(personal=True)
+    start = start if start is not None else resident.fresh(PERSONAL, seed)
     examples = ctx.examples(resident, rag=method.rag, profile=method.profile)
     bf16 = compute_precision(config).bf16
     hidden = hidden_states(resident, config.hidden_cache_mb)
     with persisted(hidden, HiddenStore(state_dir / HIDDEN_DIR), {ctx.user.user_id: examples}, bf16):
+        if gate_setting_for(config, method) != GateDecision().setting:
+            return gated_personal_adapter(
+                config,
+                resident,
+                examples,
+                shared,
+                start,
+                user_id=ctx.user.user_id,
+                seed=seed,
+                autocast_bf16=bf16,
+                hidden=hidden,
+            )
+        resident.load(PERSONAL, start)
+        resident.use(personal=True)
         result = train_slot(
             resident,
             PERSONAL,
@@ -289,7 +317,7 @@ def personal_adapter(
             autocast_bf16=bf16,
             hidden=hidden,
         )
-    return resident.state(PERSONAL), result.loss
+    return resident.state(PERSONAL), result.loss, GateDecision()
 
 
 @app.evaluate()
@@ -298,14 +326,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, resident, node = setup(context)
     method = requested_method(msg)
     resident.load(SHARED, protocol.shared_adapter(msg) if method.shared else None)
-    personal = None
+    personal, weights = None, None
     if method.personal:
         store = PersonalAdapterStore(node.state_dir)
-        personal = [_stored_personal(store, method, ctx.user.user_id) for ctx in node.contexts]
+        stored = [_stored_personal(store, method, ctx.user.user_id) for ctx in node.contexts]
+        personal = [state if record.gate.uses_personal else None for record, state in stored]
+        weights = [record.gate.shared_weight for record, _ in stored]
     answers = answer_users(
         resident,
         [ctx.query_prompts(resident, rag=method.rag, profile=method.profile) for ctx in node.contexts],
         personal,
+        shared_weights=weights,
         max_new_tokens=node.task.max_new_tokens,
         max_prompt_tokens=config.max_seq_len,
         autocast_bf16=compute_precision(config).bf16,
@@ -329,10 +360,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict(replies), reply_to=msg)
 
 
-def _stored_personal(store: PersonalAdapterStore, method: Method, user_id: str) -> StateDict:
+def _stored_personal(
+    store: PersonalAdapterStore, method: Method, user_id: str
+) -> tuple[AdapterRecord, StateDict]:
     stored = store.load(method.name, user_id)
     if stored is None:
         raise RuntimeError(
             f"no valid personal adapter '{method.name}' for user {user_id} in {store.root}: personalize before evaluating"
         )
-    return stored[1]
+    return stored

@@ -28,7 +28,7 @@ from common.flower_processes import DeployError, exec_flower, existing_path, flo
 from common.io import DataError
 
 if TYPE_CHECKING:
-    from client.store import PersonalAdapterStore
+    from client.store import GateDecision, PersonalAdapterStore
 
 NODE_PORT = 9094  # a SuperNode's local ClientApp API: unique per machine
 
@@ -133,9 +133,25 @@ def adapter_list_command(args: argparse.Namespace) -> int:
         status = "ok" if store.intact(r) else "[red]CORRUPT (retrained in the next run)[/red]"
         out.print(
             f"{escape(r.user_id)}  {r.variant}  base round {base_round}  base {r.shared_digest}  "
-            f"data {r.data_fingerprint[:12]}  {created} UTC  {status}"
+            f"data {r.data_fingerprint[:12]}  {created} UTC  {status}  gate {gate_summary(r.gate)}"
         )
     return 0
+
+
+def gate_summary(gate: GateDecision) -> str:
+    """How the user is answered (client/gate.py), in one word group: 'none' under OPPU's original."""
+    from client.store import GateDecision
+
+    if gate.setting == GateDecision().setting:
+        return "none"
+    used = f"personal {gate.epochs:g} epochs" if gate.uses_personal else "no personal"
+    reason = f" ({gate.reason})" if gate.reason else ""
+    loss = (
+        ""
+        if gate.holdout_loss is None
+        else f", held-out loss {gate.holdout_loss:.3f} on {gate.holdout_items}"
+    )
+    return f"shared x{gate.shared_weight:g}, {used}{loss}{reason}"
 
 
 def adapter_export_command(args: argparse.Namespace) -> int:

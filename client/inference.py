@@ -64,16 +64,19 @@ def answer_users(
     prompts_per_user: Sequence[Sequence[str]],
     personal_states: Sequence[StateDict | None] | None,
     *,
+    shared_weights: Sequence[float] | None = None,
     max_new_tokens: int,
     max_prompt_tokens: int,
     batch_size: int = 8,
     users_per_batch: int = 8,
     autocast_bf16: bool = False,
 ) -> list[list[str]]:
-    """Answers per user, with the shared slot (as loaded) plus each user's personal adapter if given.
+    """Answers per user, with the shared slot (as loaded) plus each user's personal adapter if given
+    (None: that user has none) and, with `shared_weights`, the shared adapter scaled per user.
 
-    Without personal adapters every row shares one adapter, so all users' queries batch together;
-    with them, up to `users_per_batch` users share a mixed batch (DoRA falls back to one user at a time).
+    Without personal adapters or weights every row shares one adapter, so all users' queries batch
+    together; with them, up to `users_per_batch` users share a mixed batch (DoRA falls back to one
+    user at a time, and takes no weights).
     """
     options = {
         "max_new_tokens": max_new_tokens,
@@ -81,7 +84,11 @@ def answer_users(
         "batch_size": batch_size,
         "autocast_bf16": autocast_bf16,
     }
+    if shared_weights is not None and personal_states is None:
+        personal_states = [None] * len(prompts_per_user)
     if personal_states is not None and resident.spec.peft_type != "lora":
+        if shared_weights is not None and any(w != 1.0 for w in shared_weights):
+            raise ValueError("weights on the shared adapter need plain LoRA (personal-gate = 'mix')")
         answers = []
         for prompts, state in zip(prompts_per_user, personal_states, strict=True):
             resident.load(PERSONAL, state)
@@ -95,7 +102,8 @@ def answer_users(
         group = prompts_per_user[start : start + group_size]
         names = None
         if personal_states is not None:
-            slots = resident.answer_slots(personal_states[start : start + group_size])
+            weights = None if shared_weights is None else shared_weights[start : start + group_size]
+            slots = resident.answer_slots(personal_states[start : start + group_size], weights)
             names = [slot for slot, prompts in zip(slots, group, strict=True) for _ in prompts]
         flat = generate_answers(
             resident, [p for prompts in group for p in prompts], adapter_names=names, **options

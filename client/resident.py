@@ -20,6 +20,11 @@ PERSONAL = "personal"
 ANSWER = "answer-{}"
 
 
+def weighted(state: Mapping[str, torch.Tensor], weight: float) -> StateDict:
+    """A LoRA adapter whose delta B A is scaled by `weight` (its B matrices are)."""
+    return {key: tensor * weight if "lora_B" in key else tensor for key, tensor in state.items()}
+
+
 class ResidentModel:
     """Base model + `shared` and `personal` adapter slots, created once per process."""
 
@@ -62,25 +67,32 @@ class ResidentModel:
         """A new adapter as PEFT initializes one (A Kaiming-uniform, B zero), from a seed."""
         return fresh_adapter(self._identity[slot], seed)
 
-    def answer_slots(self, personal_states: Sequence[Mapping[str, torch.Tensor] | None]) -> list[str]:
+    def answer_slots(
+        self,
+        personal_states: Sequence[Mapping[str, torch.Tensor] | None],
+        shared_weights: Sequence[float] | None = None,
+    ) -> list[str]:
         """Load shared + each user's personal adapter into rank-2r answer slots, one per user.
 
-        A LoRA sum B_s A_s + B_p A_p equals one LoRA with A = [A_s; A_p] and B = [B_s, B_p], so each
-        row of a mixed batch (`generate(adapter_names=...)`) can use its own user's pair at once.
-        The slots are created once and then refilled by weight copy, like the training slots.
+        A LoRA sum w B_s A_s + B_p A_p equals one LoRA with A = [A_s; A_p] and B = [w B_s, B_p], so
+        each row of a mixed batch (`generate(adapter_names=...)`) can use its own user's pair at once,
+        with its own weight w on the shared adapter (the per-user gate, client/gate.py) and None for a
+        user answered without a personal adapter. The slots are created once and then refilled by
+        weight copy, like the training slots.
         """
         if self.spec.peft_type != "lora":
             raise ValueError("mixed-adapter answering needs plain LoRA (DoRA adapters do not concatenate)")
         shared = self.state(SHARED)
+        weights = [1.0] * len(personal_states) if shared_weights is None else shared_weights
         names = []
-        for index, personal in enumerate(personal_states):
+        for index, (personal, weight) in enumerate(zip(personal_states, weights, strict=True)):
             name = ANSWER.format(index)
             if name not in self.peft.peft_config:
                 self.peft.add_adapter(name, self.spec.answer_config())
             personal = self._identity[PERSONAL] if personal is None else personal
             combined = {
                 key: torch.cat([tensor, personal[key].to(tensor.dtype)], dim=0 if "lora_A" in key else 1)
-                for key, tensor in shared.items()
+                for key, tensor in weighted(shared, weight).items()
             }
             set_peft_model_state_dict(self.peft, combined, adapter_name=name)
             names.append(name)

@@ -55,6 +55,21 @@ MAX_ARCHIVE_MEMBERS = 4096
 
 
 @dataclass(frozen=True)
+class GateDecision:
+    """How a user is answered with the stored adapter (client/gate.py), decided on held-out history;
+    kept in the manifest and in the user's export, never sent. The defaults are OPPU's original:
+    the shared adapter at weight 1 plus the personal adapter, trained on the whole history."""
+
+    setting: str = "none"  # the run config's gate setting (RunConfig.gate_setting) it was decided under
+    shared_weight: float = 1.0  # the weight on the shared adapter's delta
+    uses_personal: bool = True  # False: shared adapter alone (the stored adapter is then the identity)
+    epochs: float | None = None  # personal training kept, in epochs of the training part
+    holdout_loss: float | None = None  # the chosen alternative's loss on the held-out items
+    holdout_items: int = 0
+    reason: str = ""  # e.g. "short-history": too few items to hold any out
+
+
+@dataclass(frozen=True)
 class AdapterRecord:
     user_id: str
     variant: str
@@ -64,6 +79,7 @@ class AdapterRecord:
     data_fingerprint: str
     created: float
     shared_version: int | None = None  # the server round the shared adapter came from, when known
+    gate: GateDecision = GateDecision()
 
 
 def node_state_dir(data_path: str | Path, state_dir: str | Path | None = None) -> Path:
@@ -84,7 +100,10 @@ def _leftover(name: str) -> re.Pattern:
 def _record(entry: dict, where: Path) -> AdapterRecord:
     known = {f.name for f in fields(AdapterRecord)}
     try:
-        return AdapterRecord(**{k: v for k, v in entry.items() if k in known})
+        values = {k: v for k, v in entry.items() if k in known}
+        if "gate" in values:
+            values["gate"] = GateDecision(**values["gate"])
+        return AdapterRecord(**values)
     except TypeError as err:
         raise DataError(f"{where}: bad adapter entry {entry!r} ({err})") from err
 
@@ -171,6 +190,7 @@ class PersonalAdapterStore:
         shared_digest: str,
         data_fingerprint: str,
         shared_version: int | None = None,
+        gate: GateDecision | None = None,
     ) -> AdapterRecord:
         """Write the adapter so that `PeftModel.from_pretrained(model, path)` loads it as is."""
         with self._locked():
@@ -185,6 +205,7 @@ class PersonalAdapterStore:
                 data_fingerprint,
                 time.time(),
                 shared_version,
+                gate or GateDecision(),
             )
             adapters = self._manifest()
             adapters[self._key(variant, user_id)] = asdict(record)

@@ -194,11 +194,12 @@ def train_slot(
     autocast_bf16: bool = False,
     proximal_mu: float = 0.0,
     hidden: HiddenStates | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], bool | None] | None = None,
     frozen: tuple[str, ...] = (),
 ) -> TrainResult:
     """Train one slot with AdamW for `steps` batches; FedProx adds mu/2 * ||w - w_start||^2. Parameters
     whose names contain one of `frozen` keep their values (FFA-LoRA's "lora_A").
+    `on_step(step, loss)` runs after each step; when it returns True, training stops there.
 
     With adapters on the top layers only, `hidden` keeps the states below them across calls (a
     node's cache); without it they are kept for this call's steps alone."""
@@ -226,9 +227,43 @@ def train_slot(
             losses.append(loss)
             seen += len(batch)
             tokens += batch_tokens
-            if on_step is not None:
-                on_step(step + 1, losses[-1])
+            if on_step is not None and on_step(step + 1, losses[-1]):
+                break
     finally:
         resident.peft.eval()
         resident.peft.requires_grad_(False)
     return TrainResult(sum(losses) / len(losses), len(losses), seen, tokens)
+
+
+@torch.no_grad()
+def evaluation_loss(
+    resident: ResidentModel,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    autocast_bf16: bool = False,
+    hidden: HiddenStates | None = None,
+) -> float:
+    """Mean cross-entropy over the target tokens of `examples` with the adapters as they are active,
+    no gradient; batches of similar length, and the states below the adapters from `hidden`."""
+    if not examples:
+        return math.nan
+    was_training = resident.peft.training
+    resident.peft.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, targets = 0.0, 0
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = [examples[i] for i in order[start : start + batch_size]]
+            ids, attention, mask = collate(batch, resident.tokenizer.pad_token_id)
+            inputs = (
+                hidden.inputs(resident, batch, ids, attention, autocast_bf16) if hidden is not None else None
+            )
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+                loss = target_loss(resident, ids, attention, mask, shared_prefix_len(batch), inputs)
+            count = int(mask.sum())
+            total += loss.item() * count
+            targets += count
+    finally:
+        resident.peft.train(was_training)
+    return total / targets

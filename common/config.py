@@ -28,6 +28,7 @@ DP_CLIPPING = (
     "adaptive",
     "fixed",
 )  # central-dp: Andrew et al.'s adaptive clip norm, or clipping-norm throughout
+PERSONAL_GATES = ("none", "choice", "mix")  # client/gate.py
 # The privacy layer of the shared adapter (server/privacy.py, client/mods.py); docs/privacy.md compares them.
 PRIVACY_SETTINGS = ("none", "central-dp", "client-dp", "adaptive-dp", "local-dp", "secagg", "secagg+dp")
 METHODS = tuple(_METHODS)
@@ -41,6 +42,7 @@ _CHOICES = {
     "dtype": ("fp32", "bf16"),
     "privacy": PRIVACY_SETTINGS,
     "dp_clipping": DP_CLIPPING,
+    "personal_gate": PERSONAL_GATES,
 }
 # Settings that can sample clients per round other than by fraction-train: SecAgg+'s legacy workflow
 # samples by fraction only; Flower's client-dp and adaptive-dp wrappers need a fixed count per round.
@@ -109,6 +111,11 @@ class RunConfig:
     max_update_norm: float
     personal_epochs: float
     personal_learning_rate: float
+    personal_gate: str
+    personal_holdout: float
+    personal_gate_evals: int
+    personal_gate_weights: str
+    personal_gate_refit: bool
     rag_k: int
     profile: str
     max_item_tokens: int
@@ -177,6 +184,7 @@ class RunConfig:
         self._validate_sampling(source)
         self._validate_privacy(source)
         self._validate_failures(source)
+        self._validate_gate(source)
         if self.rag_k < 1 and any(_METHODS[name].rag for name in self.method_list):
             raise ConfigError(
                 f"{source}: rag-k = {self.rag_k}, but methods {self.methods!r} retrieve; expected >= 1"
@@ -242,6 +250,28 @@ class RunConfig:
                 f"not {self.strategy!r}"
             )
 
+    def _validate_gate(self, source: str) -> None:
+        if not 0.0 < self.personal_holdout < 1.0:
+            raise ConfigError(f"{source}: personal-holdout = {self.personal_holdout}; expected 0 < value < 1")
+        if self.personal_gate_evals < 1:
+            raise ConfigError(
+                f"{source}: personal-gate-evals = {self.personal_gate_evals}; expected an integer >= 1"
+            )
+        try:
+            weights = _weights(self.personal_gate_weights)
+        except ValueError:
+            weights = ()
+        if not weights or 1.0 not in weights or any(not 0.0 <= w <= 1.0 for w in weights):
+            raise ConfigError(
+                f"{source}: personal-gate-weights = {self.personal_gate_weights!r}; expected a comma list of "
+                "numbers in 0..1 that includes 1"
+            )
+        if self.personal_gate == "mix" and self.peft_type != "lora":
+            raise ConfigError(
+                f"{source}: personal-gate = 'mix' scales the shared LoRA adapter; peft-type = "
+                f"{self.peft_type!r} needs personal-gate = 'choice' or 'none'"
+            )
+
     def _validate_failures(self, source: str) -> None:
         if self.min_nodes < 1 or self.min_train_clients < 1:
             name = "min_nodes" if self.min_nodes < 1 else "min_train_clients"
@@ -276,6 +306,20 @@ class RunConfig:
         return [name.strip() for name in self.methods.split(",") if name.strip()]
 
     @property
+    def gate_weights(self) -> tuple[float, ...]:
+        """The shared adapter's weights the gate tries: personal-gate-weights under "mix", else 1 alone."""
+        return _weights(self.personal_gate_weights) if self.personal_gate == "mix" else (1.0,)
+
+    @property
+    def gate_setting(self) -> str:
+        """What a stored personal adapter's gate was decided under: a changed setting retrains it."""
+        if self.personal_gate == "none":
+            return "none"
+        weights = ",".join(f"{w:g}" for w in self.gate_weights)
+        refit = ":refit" if self.personal_gate_refit else ""
+        return f"{self.personal_gate}:holdout={self.personal_holdout:g}:evals={self.personal_gate_evals}:weights={weights}{refit}"
+
+    @property
     def target_module_list(self) -> list[str]:
         return [name.strip() for name in self.target_modules.split(",") if name.strip()]
 
@@ -285,6 +329,11 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    """A comma list of numbers, largest first, without repeats."""
+    return tuple(sorted({float(w) for w in text.split(",") if w.strip()}, reverse=True))
 
 
 def _key(name: str) -> str:

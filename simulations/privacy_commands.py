@@ -57,6 +57,9 @@ TRAINING: dict[str, Any] = {
     "local-steps": 2,
     "personal-epochs": 1.0,
     "eval-every-round": False,
+    # Each user keeps the shared adapter only as far as it helps on their own held-out history, so
+    # OPPU under DP does not fall below `local` (client/gate.py).
+    "personal-gate": "mix",
 }
 SYMPY = PROJECT_DIR.parent / "shared" / "data" / "commit-subjects-sympy"
 FEDERATIONS: dict[str, dict[str, Any]] = {

@@ -13,7 +13,7 @@ from peft import PeftModel
 from client import store as store_module
 from client.hidden import HIDDEN_DIR, HiddenStore
 from client.resident import PERSONAL, SHARED, ResidentModel
-from client.store import PROFILES, STATE_DIR, PersonalAdapterStore, user_dir_name
+from client.store import PROFILES, STATE_DIR, GateDecision, PersonalAdapterStore, user_dir_name
 from common.adapters import AdapterSpec
 from common.io import DataError, atomic_write_json
 from common.peft_io import write_adapter
@@ -62,6 +62,7 @@ def node(tiny_model, tmp_path):
         resident.spec.peft_config(),
         shared_digest="abc123",
         data_fingerprint="e",
+        gate=GateDecision("mix:x", shared_weight=0.5, epochs=2.0, holdout_loss=1.25, holdout_items=4),
     )
     ProfileCache(store.root / PROFILES).get_or_build(USER, "summary", [], lambda: "likes drama")
     return data, store, resident, states
@@ -75,6 +76,9 @@ def test_list_shows_every_adapter_and_flags_a_corrupt_one(node, capsys):
     out = capsys.readouterr().out
     assert out.count(USER) == 2 and "bob" not in out
     assert f"{USER}  oppu  base round 3  base abc123" in out and "CORRUPT" in out
+    assert main(["adapter", "list", "--data", str(data), "--user", "bob"]) == 0
+    out = capsys.readouterr().out
+    assert "gate shared x0.5, personal 2 epochs, held-out loss 1.250 on 4" in out
     assert main(["adapter", "list", "--data", str(data / "missing")]) == 2
     assert _said("no node state here", capsys)
 

@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from client.resident import PERSONAL, SHARED, ResidentModel
-from client.store import PersonalAdapterStore
+from client.store import GateDecision, PersonalAdapterStore
 from common.adapters import AdapterSpec, fresh_lora_from_config, state_digest
 
 
@@ -103,6 +103,25 @@ def test_store_round_trip_loads_with_plain_peft(resident, tiny_model, tmp_path):
     resident.load(SHARED, None)
     with torch.no_grad():
         assert torch.allclose(peft_model(ids).logits, resident.peft(ids).logits, atol=1e-5)
+
+
+def test_the_gate_decision_is_kept_in_the_manifest_and_the_users_export(resident, tmp_path):
+    store = PersonalAdapterStore(tmp_path / "node")
+    state = resident.fresh(PERSONAL, 1)
+    config = resident.spec.peft_config()
+    gate = GateDecision(
+        "mix:x", shared_weight=0.5, uses_personal=True, epochs=1.5, holdout_loss=2.25, holdout_items=3
+    )
+    store.save("oppu", "u1", state, config, shared_digest="a", data_fingerprint="b", gate=gate)
+    assert store.record("oppu", "u1").gate == gate
+    store.export_user("u1", tmp_path / "u1.tar.gz")
+    imported = PersonalAdapterStore(tmp_path / "other").import_archive(tmp_path / "u1.tar.gz", user_id="u1")
+    assert [r.gate for r in imported] == [gate]
+    # A manifest written before the gate existed reads as OPPU's original: weight 1, personal adapter used.
+    manifest = json.loads(store.manifest_path.read_text())
+    del manifest["adapters"]["oppu/u1"]["gate"]
+    store.manifest_path.write_text(json.dumps(manifest))
+    assert store.record("oppu", "u1").gate == GateDecision()
 
 
 def test_store_detects_corruption_and_deletes_every_trace(resident, tmp_path):

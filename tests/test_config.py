@@ -38,6 +38,15 @@ def test_overrides_parse_toml_values_and_bare_words():
         ("adapter-layers=0", "adapter-layers = 0; expected 'all' or a number of top decoder layers >= 1"),
         ("adapter-layers=top", "adapter-layers = 'top'; expected 'all' or a number"),
         ("adapter-layers=2.5", "adapter-layers = 2.5 (float); expected int or str"),
+        ("personal-gate=always", "personal-gate = 'always'; expected one of ('none', 'choice', 'mix')"),
+        ("personal-holdout=1", "personal-holdout = 1.0; expected 0 < value < 1"),
+        ("personal-gate-evals=0", "personal-gate-evals = 0; expected an integer >= 1"),
+        ("personal-gate-weights=0,0.5", "personal-gate-weights = '0,0.5'; expected a comma list"),
+        ("personal-gate-weights=0,x,1", "personal-gate-weights = '0,x,1'; expected a comma list"),
+        (
+            "personal-gate-weights=1,2",
+            "personal-gate-weights = '1,2'; expected a comma list of numbers in 0..1",
+        ),
         ("hidden-cache-mb=-1", "hidden-cache-mb = -1; expected >= 0"),
     ],
 )
@@ -84,3 +93,11 @@ def test_from_mapping_reports_missing_keys():
 def test_a_zero_timeout_means_no_limit():
     config = load_run_config(overrides=["train-timeout=0", "evaluate-timeout=90"])
     assert config.timeout("train") is None and config.timeout("evaluate") == 90.0
+
+
+def test_the_gate_tries_its_weights_only_when_it_mixes():
+    assert load_run_config(overrides=["personal-gate=mix"]).gate_weights == (1.0, 0.5, 0.0)
+    assert load_run_config(overrides=["personal-gate=choice"]).gate_weights == (1.0,)
+    assert load_run_config(overrides=["personal-gate=none"]).gate_setting == "none"
+    with pytest.raises(ConfigError, match="peft-type = 'dora' needs personal-gate = 'choice' or 'none'"):
+        load_run_config(overrides=["personal-gate=mix", "peft-type=dora"])
