@@ -28,6 +28,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
 from common.config import PROJECT_DIR, RunConfig, flower_app_table
+from common.device import GPU_MEMORY_FRACTION_ENV
 
 
 def _components() -> tuple[str, str]:
@@ -41,6 +42,9 @@ class EngineOptions:
     depend on it)."""
 
     cpus_per_client: int = 1
+    # A client's share of a GPU (Ray's num_gpus); None: as many clients per GPU as fit (simulations/placement.py)
+    gpus_per_client: float | None = None
+    gpu: int | None = None  # device = "cuda:N": Ray hands out that GPU alone (set by placement)
     flower_log: bool = False  # Flower's own INFO log (rounds, sampling) besides fedoppu's progress
     # Other apps than pyproject's components, as "module:attribute" (the tests' faulty and malicious apps).
     server_app: str | None = None
@@ -48,7 +52,16 @@ class EngineOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineOptions:
-        return cls(args.cpus_per_client, args.flower_log)
+        return cls(
+            cpus_per_client=args.cpus_per_client,
+            gpus_per_client=args.gpus_per_client,
+            flower_log=args.flower_log,
+        )
+
+    @property
+    def client_device(self) -> str:
+        """The `device` simulated clients resolve: the GPU Ray assigned to their worker, if any."""
+        return "cuda" if self.gpus_per_client else "cpu"
 
 
 DEFAULT_ENGINE = EngineOptions()
@@ -57,6 +70,13 @@ DEFAULT_ENGINE = EngineOptions()
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpus-per-client", type=int, default=1, help="CPU cores per simulated client (default: 1)"
+    )
+    parser.add_argument(
+        "--gpus-per-client",
+        type=float,
+        metavar="SHARE",
+        help="share of a GPU per simulated client, e.g. 0.25 for four clients per GPU; 0: clients on the CPU "
+        "(default: as many per GPU as fit the model, measured; 0 without a GPU)",
     )
     parser.add_argument(
         "--flower-log", action="store_true", help="also show Flower's own log (rounds, sampling, Ray)"
@@ -113,6 +133,25 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def ray_backend_config(engine: EngineOptions, total_cpus: int) -> dict:
+    """Flower's Ray backend settings: each simulated client's CPUs and share of a GPU."""
+    gpus = engine.gpus_per_client or 0.0
+    return {
+        # Simulated nodes share a few Ray actors. One that dies (killed, out of memory) is restarted,
+        # and a message it was running or was handed while restarting is retried once: without that,
+        # Flower keeps handing every node's messages to the dead actor and the run hangs or fails.
+        "client_resources": {
+            "num_cpus": min(engine.cpus_per_client, total_cpus),
+            "num_gpus": gpus,
+            "max_restarts": -1,
+            "max_task_retries": 1,
+        },
+        # With GPUs Ray finds them itself (CUDA_VISIBLE_DEVICES); without, it is told there are none.
+        "init_args": {"num_cpus": total_cpus, "logging_level": logging.ERROR, "log_to_driver": True}
+        | ({} if gpus else {"num_gpus": 0}),
+    }
+
+
 def _run_in_process(config: RunConfig, num_supernodes: int, engine: EngineOptions) -> None:
     os.setsid()  # the terminal's Ctrl-C goes to the parent alone; it stops this group (_stop_group)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -130,19 +169,12 @@ def _run_in_process(config: RunConfig, num_supernodes: int, engine: EngineOption
     run.override_config = run_config
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    total_cpus = os.cpu_count() or 1
-    backend_config = {
-        # Simulated nodes share a few Ray actors. One that dies (killed, out of memory) is restarted,
-        # and a message it was running or was handed while restarting is retried once: without that,
-        # Flower keeps handing every node's messages to the dead actor and the run hangs or fails.
-        "client_resources": {
-            "num_cpus": min(engine.cpus_per_client, total_cpus),
-            "num_gpus": 0.0,
-            "max_restarts": -1,
-            "max_task_retries": 1,
-        },
-        "init_args": {"num_cpus": total_cpus, "logging_level": logging.ERROR, "log_to_driver": True},
-    }
+    if engine.gpu is not None:  # Ray's workers see that GPU alone, as their cuda:0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[engine.gpu] if visible else str(engine.gpu)
+    if engine.gpus_per_client:  # Ray's workers inherit it: each holds itself to its share of the GPU's memory
+        os.environ[GPU_MEMORY_FRACTION_ENV] = str(engine.gpus_per_client)
+    backend_config = ray_backend_config(engine, os.cpu_count() or 1)
     _run_simulation(
         num_supernodes=num_supernodes,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
