@@ -8,7 +8,6 @@ background process is left behind. Written against flwr 1.42 (the pinned minor v
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import multiprocessing
@@ -16,7 +15,6 @@ import os
 import signal
 import time
 import warnings
-from dataclasses import dataclass
 
 from flwr.app import Context, RecordDict
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -29,58 +27,12 @@ from flwr.supercore.telemetry import EventType
 
 from common.config import PROJECT_DIR, RunConfig, flower_app_table
 from common.device import GPU_MEMORY_FRACTION_ENV
+from simulations.placement import DEFAULT_ENGINE, EngineOptions, ray_backend_config
 
 
 def _components() -> tuple[str, str]:
     components = flower_app_table()["components"]
     return components["serverapp"], components["clientapp"]
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How a simulated federation uses this machine; not part of the run config (results do not
-    depend on it)."""
-
-    cpus_per_client: int = 1
-    # A client's share of a GPU (Ray's num_gpus); None: as many clients per GPU as fit (simulations/placement.py)
-    gpus_per_client: float | None = None
-    gpu: int | None = None  # device = "cuda:N": Ray hands out that GPU alone (set by placement)
-    flower_log: bool = False  # Flower's own INFO log (rounds, sampling) besides fedoppu's progress
-    # Other apps than pyproject's components, as "module:attribute" (the tests' faulty and malicious apps).
-    server_app: str | None = None
-    client_app: str | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> EngineOptions:
-        return cls(
-            cpus_per_client=args.cpus_per_client,
-            gpus_per_client=args.gpus_per_client,
-            flower_log=args.flower_log,
-        )
-
-    @property
-    def client_device(self) -> str:
-        """The `device` simulated clients resolve: the GPU Ray assigned to their worker, if any."""
-        return "cuda" if self.gpus_per_client else "cpu"
-
-
-DEFAULT_ENGINE = EngineOptions()
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cpus-per-client", type=int, default=1, help="CPU cores per simulated client (default: 1)"
-    )
-    parser.add_argument(
-        "--gpus-per-client",
-        type=float,
-        metavar="SHARE",
-        help="share of a GPU per simulated client, e.g. 0.25 for four clients per GPU; 0: clients on the CPU "
-        "(default: as many per GPU as fit the model, measured; 0 without a GPU)",
-    )
-    parser.add_argument(
-        "--flower-log", action="store_true", help="also show Flower's own log (rounds, sampling, Ray)"
-    )
 
 
 # How long an interrupted federation's processes may take to disappear after SIGKILL.
@@ -131,25 +83,6 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:  # a process of the group exists, not ours to signal
         return True
     return True
-
-
-def ray_backend_config(engine: EngineOptions, total_cpus: int) -> dict:
-    """Flower's Ray backend settings: each simulated client's CPUs and share of a GPU."""
-    gpus = engine.gpus_per_client or 0.0
-    return {
-        # Simulated nodes share a few Ray actors. One that dies (killed, out of memory) is restarted,
-        # and a message it was running or was handed while restarting is retried once: without that,
-        # Flower keeps handing every node's messages to the dead actor and the run hangs or fails.
-        "client_resources": {
-            "num_cpus": min(engine.cpus_per_client, total_cpus),
-            "num_gpus": gpus,
-            "max_restarts": -1,
-            "max_task_retries": 1,
-        },
-        # With GPUs Ray finds them itself (CUDA_VISIBLE_DEVICES); without, it is told there are none.
-        "init_args": {"num_cpus": total_cpus, "logging_level": logging.ERROR, "log_to_driver": True}
-        | ({} if gpus else {"num_gpus": 0}),
-    }
 
 
 def _run_in_process(config: RunConfig, num_supernodes: int, engine: EngineOptions) -> None:

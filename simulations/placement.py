@@ -1,4 +1,4 @@
-"""Where simulated clients compute, and how many of them share one GPU (Ray's `num_gpus` per client).
+"""Where simulated clients compute: each one's CPUs and share of a GPU (Ray's client resources).
 
 `--gpus-per-client` sets a client's share of a GPU (0.25: four clients on each GPU). Left out on a
 machine with a GPU, it packs as many clients onto a GPU as fit, from the GPU's free memory (measured)
@@ -22,11 +22,13 @@ more clients than CPU cores allow (`--cpus-per-client`), whatever the GPU would 
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
-import dataclasses
+import logging
 import math
 import multiprocessing
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -36,7 +38,73 @@ from common.config import AUTO, ConfigError, RunConfig
 from common.device import resolve_device
 from common.model import model_config
 from common.precision import compute_precision
-from simulations.engine import EngineOptions
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a simulated federation uses this machine; not part of the run config (results do not
+    depend on it)."""
+
+    cpus_per_client: int = 1
+    # A client's share of a GPU (Ray's num_gpus); None: as many per GPU as fit (module docstring)
+    gpus_per_client: float | None = None
+    gpu: int | None = None  # device = "cuda:N": Ray hands out that GPU alone (set by placement)
+    flower_log: bool = False  # Flower's own INFO log (rounds, sampling) besides fedoppu's progress
+    # Other apps than pyproject's components, as "module:attribute" (the tests' faulty and malicious apps).
+    server_app: str | None = None
+    client_app: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineOptions:
+        return cls(
+            cpus_per_client=args.cpus_per_client,
+            gpus_per_client=args.gpus_per_client,
+            flower_log=args.flower_log,
+        )
+
+    @property
+    def client_device(self) -> str:
+        """The `device` simulated clients resolve: the GPU Ray assigned to their worker, if any."""
+        return "cuda" if self.gpus_per_client else "cpu"
+
+
+DEFAULT_ENGINE = EngineOptions()
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpus-per-client", type=int, default=1, help="CPU cores per simulated client (default: 1)"
+    )
+    parser.add_argument(
+        "--gpus-per-client",
+        type=float,
+        metavar="SHARE",
+        help="share of a GPU per simulated client, e.g. 0.25 for four clients per GPU; 0: clients on the CPU "
+        "(default: as many per GPU as fit the model, measured; 0 without a GPU)",
+    )
+    parser.add_argument(
+        "--flower-log", action="store_true", help="also show Flower's own log (rounds, sampling, Ray)"
+    )
+
+
+def ray_backend_config(engine: EngineOptions, total_cpus: int) -> dict:
+    """Flower's Ray backend settings: each simulated client's CPUs and share of a GPU."""
+    gpus = engine.gpus_per_client or 0.0
+    return {
+        # Simulated nodes share a few Ray actors. One that dies (killed, out of memory) is restarted,
+        # and a message it was running or was handed while restarting is retried once: without that,
+        # Flower keeps handing every node's messages to the dead actor and the run hangs or fails.
+        "client_resources": {
+            "num_cpus": min(engine.cpus_per_client, total_cpus),
+            "num_gpus": gpus,
+            "max_restarts": -1,
+            "max_task_retries": 1,
+        },
+        # With GPUs Ray finds them itself (CUDA_VISIBLE_DEVICES); without, it is told there are none.
+        "init_args": {"num_cpus": total_cpus, "logging_level": logging.ERROR, "log_to_driver": True}
+        | ({} if gpus else {"num_gpus": 0}),
+    }
+
 
 CUDA_CONTEXT_BYTES = 600 * 2**20
 ACTIVATION_BYTES = 34  # per hidden unit, token and trained layer, in 16 bit
@@ -100,7 +168,7 @@ def place_clients(
                 f"--gpus-per-client {requested}: the clients compute on the CPU here (device = {config.device!r}); "
                 "a share of a GPU needs a CUDA device"
             )
-        return config, dataclasses.replace(engine, gpus_per_client=0.0)
+        return config, replace(engine, gpus_per_client=0.0)
     if requested == 0:
         if config.device != AUTO:
             raise ConfigError(
@@ -110,4 +178,4 @@ def place_clients(
         return config.replace(device="cpu"), engine
     share = requested or packed_share(config, free_memory(device.index), compute_precision(config).bf16)
     only = device.index if config.device.startswith("cuda:") else None
-    return config, dataclasses.replace(engine, gpus_per_client=share, gpu=only)
+    return config, replace(engine, gpus_per_client=share, gpu=only)

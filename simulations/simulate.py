@@ -15,8 +15,8 @@ from common.config import METHODS, ConfigError, RunConfig, default_config_values
 from common.io import atomic_write_json, read_json
 from common.loaders import load_run_dataset, num_partitions
 from common.precision import Precision, compute_precision
-from simulations.engine import DEFAULT_ENGINE, EngineOptions, run_federation
-from simulations.placement import place_clients
+from simulations.engine import run_federation
+from simulations.placement import DEFAULT_ENGINE, EngineOptions, place_clients
 from simulations.report import write_report, write_seeds_report
 
 ALL = "all"
