@@ -4,8 +4,7 @@
 import pytest
 import torch
 
-from client.inference import answer_users, generate_answers
-from client.resident import PERSONAL, SHARED, ResidentModel
+from client.resident import SHARED, ResidentModel
 from client.training import encode_example, train_slot
 from common.adapters import AdapterSpec
 from common.config import load_run_config
@@ -13,6 +12,7 @@ from common.device import GPU_MEMORY_FRACTION_ENV, bound_gpu_memory, resolve_dev
 from common.precision import compute_precision
 from simulations.placement import EngineOptions, client_gpu_bytes, place_clients, ray_backend_config
 from tests.conftest import tiny_llama
+from tests.test_training import mixed_and_per_user_answers
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device here (torch.cuda.is_available() is False)"
@@ -41,28 +41,7 @@ def test_a_training_step_on_the_gpu_matches_the_cpu(tokenizer):
 
 def test_mixed_adapter_answering_equals_per_user_answering_on_the_gpu(tokenizer):
     resident = ResidentModel(tiny_llama(tokenizer), tokenizer, AdapterSpec(layers=(1,)), "cuda")
-    generator = torch.Generator().manual_seed(0)
-
-    def adapter(slot, seed):
-        state = resident.fresh(slot, seed)
-        return {
-            k: torch.randn(v.shape, generator=generator) * 0.3 if "lora_B" in k else v
-            for k, v in state.items()
-        }
-
-    resident.load(SHARED, adapter(SHARED, 1))
-    personals = [adapter(PERSONAL, 10 + i) for i in range(3)] + [None]
-    prompts = [
-        [f"user {u} asks question {q} about films:" + " and more" * (u + q) for q in range(3)]
-        for u in range(4)
-    ]
-    options = {"max_new_tokens": 6, "max_prompt_tokens": 64}
-    mixed = answer_users(resident, prompts, personals, users_per_batch=3, batch_size=5, **options)
-    one_by_one = []
-    for user_prompts, state in zip(prompts, personals, strict=True):
-        resident.load(PERSONAL, state)
-        resident.use(personal=True)
-        one_by_one.append([generate_answers(resident, [p], **options)[0] for p in user_prompts])
+    mixed, one_by_one = mixed_and_per_user_answers(resident)
     assert mixed == one_by_one
     assert len({tuple(a) for a in mixed}) > 1
 
