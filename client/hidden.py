@@ -11,7 +11,7 @@ disk, one file per user next to the personal adapters (`fedoppu adapter delete` 
 rest of the user). Memory and disk are each bounded by `hidden-cache-mb`: least recently used first out.
 On a GPU the states are computed there and kept in host memory: a batch's (rows x width x hidden, a
 few MB) crosses to the GPU in well under a millisecond, and the GPU's memory stays for the model and
-the clients packed beside it (simulations/engine.py).
+the clients packed beside it (simulations/placement.py).
 """
 
 from __future__ import annotations
