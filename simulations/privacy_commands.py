@@ -17,7 +17,7 @@ from rich.console import Console
 from common.cli import Interrupted, add_run_config_arguments, console, sigterm_interrupts
 from common.config import PRIVACY_SETTINGS, ConfigError, RunConfig, load_run_config
 from common.io import read_json
-from simulations.engine import EngineOptions, add_engine_arguments
+from simulations.placement import EngineOptions, add_engine_arguments
 from simulations.privacy_report import write_privacy_report
 from simulations.simulate import new_run_dir, simulate
 
