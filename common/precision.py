@@ -198,7 +198,10 @@ def choose(setting: bool | str, shapes: ProbeShapes, cache_dir: Path) -> Precisi
 def cuda_choice(device: torch.device) -> Precision:
     """`auto` on a GPU: bf16 where it has native bf16 matmuls (tensor cores run them several times
     faster than fp32), fp32 on older GPUs, where bf16 would be emulated."""
-    with torch.cuda.device(device):
+    # It asks about the current device. Making another one current creates a CUDA context in this
+    # process (`fedoppu simulate` would hold GPU memory for the whole run), so only when needed.
+    current = device.index in (None, torch.cuda.current_device())
+    with contextlib.nullcontext() if current else torch.cuda.device(device):
         bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     reason = (
         f"autocast-bf16 = auto on {device} ({torch.cuda.get_device_name(device)}): torch.cuda.is_bf16_supported() "
