@@ -10,12 +10,15 @@ mixed-batch against per-user answering, wire bytes against the model's size, mem
 adapters, and the time until the first round starts. A precision this CPU runs slowly is measured
 briefly and skipped after, so the bench takes minutes on every CPU. With `--against COMMIT` it also
 times two whole default `fedoppu simulate` runs, at COMMIT and here.
+
+All of that runs on the CPU (`device = "cpu"`), as on a machine without a GPU. Where torch sees a
+CUDA device, the GPU that `device = "auto"` picks is measured after it: its own matmul peaks, training
+tokens/s as a percentage of them and as a multiple of the CPU path's above, and answers per second.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
@@ -42,6 +45,7 @@ from client.training import Example, bucketed_batches, collate, encode_example, 
 from common import protocol
 from common.adapters import AdapterSpec, StateDict, initial_adapter
 from common.config import PROJECT_DIR, RunConfig, load_run_config
+from common.device import describe_device, resolve_device
 from common.model import load_base_model
 from common.precision import Precision, compute_precision, cpu_description
 from common.prompts import build_prompt, target_text
@@ -54,11 +58,18 @@ SLOW_CALL_SECONDS = 1.0
 # A simulated client gets one core (Ray's default for a task of one CPU): the paths are timed so, and
 # one thread is also what keeps timings steady while other processes share the cores.
 CLIENT_THREADS = 1
+CPU = torch.device("cpu")
 
 
 def report(what: str, value: str, ratio: str = "") -> None:
     ROWS.append((what, value, ratio))
     console.print(f"  {what}: {value} {ratio}")
+
+
+def synchronize(device: torch.device) -> None:
+    """A GPU runs its kernels asynchronously: a timing ends when they have finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -70,18 +81,28 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096)) -> tuple[float, int]:
-    """Best FLOP/s of square matmuls over growing sizes, after a warm-up call (oneDNN picks its kernel
-    on the first ones). A call over a second ends the growth: a precision this CPU has no fast kernels
-    for (bf16 at ~1 GFLOP/s without AVX512_BF16) is measured on one size, in seconds. Returns
-    (FLOP/s, size)."""
+def matmul_peak(
+    dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), device: torch.device = CPU
+) -> tuple[float, int]:
+    """Best FLOP/s of square matmuls over growing sizes, after a warm-up call (oneDNN and cuBLAS pick
+    their kernels on the first ones). A call over a second ends the growth: a precision this CPU has no
+    fast kernels for (bf16 at ~1 GFLOP/s without AVX512_BF16) is measured on one size, in seconds. On
+    a GPU each timed call runs 20 matmuls, so launch latency does not count. Returns (FLOP/s, size)."""
     best = (0.0, 0)
+    per_call = 20 if device.type == "cuda" else 1
     for size in sizes:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        warm_up = best_of(functools.partial(torch.matmul, a, b), 1)
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
+
+        def call(a=a, b=b) -> None:
+            for _ in range(per_call):
+                torch.matmul(a, b)
+            synchronize(device)
+
+        warm_up = best_of(call, 1)
         if warm_up > SLOW_CALL_SECONDS:
-            return max(best, (2 * size**3 / warm_up, size))
-        best = max(best, (2 * size**3 / best_of(functools.partial(torch.matmul, a, b), 4), size))
+            return max(best, (2 * size**3 * per_call / warm_up, size))
+        best = max(best, (2 * size**3 * per_call / best_of(call, 4), size))
     return best
 
 
@@ -101,13 +122,10 @@ def examples(tokenizer, users: int = 8):
 
 def naive_step(resident: ResidentModel, batch, autocast: bool) -> None:
     """Full logits over every position and no length bucketing: the straightforward HF loss."""
-    ids, attention, mask = collate(batch, resident.tokenizer.pad_token_id)
+    ids, attention, mask = (t.to(resident.device) for t in collate(batch, resident.tokenizer.pad_token_id))
     labels = torch.full_like(ids, -100)
     labels[:, 1:][mask[:, :-1]] = ids[:, 1:][mask[:, :-1]]
-    context = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
-    )
-    with context:
+    with resident.autocast(autocast):
         logits = resident.peft(input_ids=ids, attention_mask=attention).logits
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
     loss.backward()
@@ -143,8 +161,12 @@ def flop_count(model) -> FlopCount:
     )
 
 
-def bench_training(resident, data, flops: FlopCount, peaks: dict[str, float], precisions: list[str]) -> None:
-    console.rule("training (LoRA r=8 on q_proj, v_proj; batch 8)")
+def bench_training(
+    resident, data, flops: FlopCount, peaks: dict[str, float], precisions: list[str], where: str = ""
+) -> dict[str, float]:
+    """Training tokens/s per precision, against the peaks measured on the same device."""
+    console.rule(f"{where}training (LoRA r=8 on q_proj, v_proj; batch 8)")
+    rates = {}
     resident.load(SHARED, resident.fresh(SHARED, 0))
     lengths = [len(e.input_ids) for e in data]
     batches = [[data[i] for i in b] for b in bucketed_batches(lengths, batch_size=8, steps=6, seed=1)]
@@ -168,16 +190,19 @@ def bench_training(resident, data, flops: FlopCount, peaks: dict[str, float], pr
             optimizer.zero_grad()
             naive_step(resident, batch, autocast)
             optimizer.step()
+        synchronize(resident.device)
         naive = tokens / (time.perf_counter() - start)
         resident.peft.requires_grad_(False)
         convention = 100 * flops.convention(result.tokens) / seconds / peaks[name]
         executed = 100 * flops.executed(batches) / seconds / peaks[name]
         report(
-            f"train tokens/s {name}, adapters on every layer",
+            f"{where}train tokens/s {name}, adapters on every layer",
             f"{rate:,.0f}",
             f"= {convention:.0f}% of {name} peak at 4*N FLOPs per example token, {executed:.0f}% "
             f"counting the FLOPs executed; {rate / naive:.2f}x naive ({naive:,.0f})",
         )
+        rates[name] = rate
+    return rates
 
 
 def _train_message(state: StateDict, server_round: int) -> Message:
@@ -362,8 +387,9 @@ def bench_personalization(resident, data, spec, bf16: bool) -> None:
         )
 
 
-def bench_answering(resident, task, dataset, bf16: bool) -> None:
-    console.rule("answering: 8 users x 4 queries, each user with a personal adapter")
+def bench_answering(resident, task, dataset, bf16: bool, where: str = "") -> float:
+    """Answers/s in mixed batches, against answering one user and one query at a time."""
+    console.rule(f"{where}answering: 8 users x 4 queries, each user with a personal adapter")
     prompts = [[build_prompt(task, q.input) for q in user.queries[:4]] for user in dataset.users[:8]]
     states = [resident.fresh(PERSONAL, u) for u in range(8)]
     options = {"max_new_tokens": task.max_new_tokens, "max_prompt_tokens": 320, "autocast_bf16": bf16}
@@ -379,10 +405,41 @@ def bench_answering(resident, task, dataset, bf16: bool) -> None:
     looped = best_of(loop, 2)
     answers = sum(len(p) for p in prompts)
     report(
-        "answers/s mixed batch",
+        f"{where}answers/s mixed batch",
         f"{answers / mixed:.1f}",
         f"= {looped / mixed:.2f}x the per-user loop ({answers / looped:.1f}/s; target >= 2x)",
     )
+    return answers / mixed
+
+
+def bench_gpu(data, flops: FlopCount, task, dataset, cpu_train: float, cpu_answers: float) -> None:
+    """The GPU `device = "auto"` picks: its own matmul peaks, then the CPU sections' training and
+    answering on it, in the precision `autocast-bf16 = "auto"` picks there."""
+    config = load_run_config()
+    device = resolve_device(config.device)
+    precision = compute_precision(config)
+    console.rule(f"GPU: {describe_device(device)}")
+    console.print(f"  {precision.reason}")
+    peaks: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peaks[name], size = matmul_peak(dtype, (2048, 4096, 8192), device)
+        ratio = (
+            f"= {peaks['bf16'] / peaks['fp32']:.1f}x fp32"
+            if name == "bf16"
+            else "(TF32 off, torch's default)"
+        )
+        report(f"GPU matmul peak {name} (best of {size}^2)", f"{peaks[name] / 1e12:,.1f} TFLOP/s", ratio)
+    model, tokenizer = load_base_model()
+    resident = ResidentModel(model, tokenizer, AdapterSpec(), device)
+    name = "bf16" if precision.bf16 else "fp32"
+    rate = bench_training(resident, data, flops, peaks, [name], where="GPU ")[name]
+    report(
+        f"GPU train tokens/s {name} over the CPU path",
+        f"{rate / cpu_train:.1f}x",
+        f"(CPU: {cpu_train:,.0f}/s on {CLIENT_THREADS} thread)",
+    )
+    answers = bench_answering(resident, task, dataset, precision.bf16, where="GPU ")
+    report("GPU answers/s over the CPU path", f"{answers / cpu_answers:.1f}x", f"(CPU: {cpu_answers:.1f}/s)")
 
 
 def bench_wire(config: RunConfig, model_bytes: int) -> None:
@@ -496,7 +553,7 @@ def main() -> int:
         f"this machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     console.print(f"  CPU: {cpu_description()}")
-    config = load_run_config()
+    config = load_run_config(overrides=['device="cpu"'])  # the GPU, if any, is measured last
     precision = compute_precision(config)
     report("precision (autocast-bf16 = auto)", precision.name, f"bf16 measured {precision.speedup:.2f}x fp32")
     console.print(f"  {precision.reason}")
@@ -520,12 +577,16 @@ def main() -> int:
     task, dataset, data = examples(tokenizer)
     flops = flop_count(model)
     resident = ResidentModel(model, tokenizer, spec)
-    bench_training(resident, data, flops, peaks, ["fp32", "bf16"] if precision.bf16 else ["fp32"])
+    train_rates = bench_training(
+        resident, data, flops, peaks, ["fp32", "bf16"] if precision.bf16 else ["fp32"]
+    )
     bench_client_update(config, precision)
     bench_personal_user(config, precision)
     bench_personalization(resident, data, spec, precision.bf16)
-    bench_answering(resident, task, dataset, precision.bf16)
+    answers = bench_answering(resident, task, dataset, precision.bf16)
     bench_wire(config, model_bytes)
+    if torch.cuda.is_available():
+        bench_gpu(data, flops, task, dataset, train_rates["bf16" if precision.bf16 else "fp32"], answers)
     if not args.skip_simulate:
         bench_first_round()
     if args.against:

@@ -48,6 +48,7 @@ from common import protocol
 from common.accounting import noise_multiplier
 from common.adapters import FFA_FROZEN, AdapterSpec, StateDict, frozen_lora_a, state_digest
 from common.config import RunConfig
+from common.device import bound_gpu_memory, resolve_device
 from common.methods import METHODS, Method
 from common.metrics import merge_counts, metric_counts
 from common.model import load_base_model
@@ -58,10 +59,13 @@ WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @functools.lru_cache(maxsize=1)
-def resident_model(model: str, dtype: str, spec: AdapterSpec) -> ResidentModel:
-    """The base model, loaded once per process and reused by every round, user and method."""
+def resident_model(model: str, dtype: str, spec: AdapterSpec, device: str) -> ResidentModel:
+    """The base model on the run's `device` (auto: this node's GPU if it has one), loaded once per
+    process and reused by every round, user and method."""
+    where = resolve_device(device)
+    bound_gpu_memory(where)
     base, tokenizer = load_base_model(model, dtype)
-    return ResidentModel(base, tokenizer, spec)
+    return ResidentModel(base, tokenizer, spec, where)
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,7 +86,7 @@ def setup(context: Context) -> tuple[RunConfig, ResidentModel, NodeUsers]:
     config = RunConfig.from_mapping(context.run_config)
     policy = node_policy(context.node_config)
     node = _node(config, tuple(sorted(context.node_config.items())), config.run_dir, policy)
-    resident = resident_model(config.model, config.dtype, AdapterSpec.from_config(config))
+    resident = resident_model(config.model, config.dtype, AdapterSpec.from_config(config), config.device)
     return config, resident, node
 
 

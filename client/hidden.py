@@ -9,6 +9,9 @@ top K layers, the final norm and the lm_head at target positions (client/trainin
 A deployed node starts a new ClientApp process for every message, so the states also go to the node's
 disk, one file per user next to the personal adapters (`fedoppu adapter delete` removes them with the
 rest of the user). Memory and disk are each bounded by `hidden-cache-mb`: least recently used first out.
+On a GPU the states are computed there and kept in host memory: a batch's (rows x width x hidden, a
+few MB) crosses to the GPU in well under a millisecond, and the GPU's memory stays for the model and
+the clients packed beside it (simulations/placement.py).
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ def check_layered(resident: ResidentModel) -> None:
         )
 
 
-def positions(start: int, stop: int) -> torch.Tensor:
-    return torch.arange(start, stop).unsqueeze(0)
+def positions(start: int, stop: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, stop, device=device).unsqueeze(0)
 
 
 def run_layers(
@@ -101,11 +104,13 @@ def adapted_layers_forward(
             top,
             inputs[:1, :prefix_len],
             attention[:1, :prefix_len],
-            positions(0, prefix_len),
+            positions(0, prefix_len, inputs.device),
             cache,
         )
         cache.batch_repeat_interleave(inputs.shape[0])
-    return run_layers(backbone, top, inputs[:, prefix_len:], attention, positions(prefix_len, width), cache)
+    return run_layers(
+        backbone, top, inputs[:, prefix_len:], attention, positions(prefix_len, width, inputs.device), cache
+    )
 
 
 def example_key(input_ids: Sequence[int]) -> str:
@@ -128,7 +133,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         if "lora_" in name:
             continue
         flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().contiguous()
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -198,13 +203,15 @@ class HiddenStates:
         self.first = resident.spec.first_layer
         self.limit_bytes = limit_bytes
         self.fingerprint = weights_fingerprint(resident.peft.base_model.model)
+        # A GPU's kernels round differently: its states do not stand in for a CPU's, nor the reverse.
+        self.device_tag = "" if resident.device.type == "cpu" else f"-{resident.device.type}"
         self._memory: OrderedDict[tuple[bool, str], torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._on_disk: dict[tuple[str, str], set[str]] = {}  # (user, variant) -> keys in its file
 
     def variant(self, bf16: bool) -> str:
         """What the states depend on besides the tokens: the weights, the split and the precision."""
-        return f"{self.fingerprint}-layer{self.first}-{'bf16' if bf16 else 'fp32'}"
+        return f"{self.fingerprint}-layer{self.first}-{'bf16' if bf16 else 'fp32'}{self.device_tag}"
 
     def __len__(self) -> int:
         return len(self._memory)
@@ -234,13 +241,13 @@ class HiddenStates:
         and so do the states kept. (Rounded to bf16 they would change the loss by about as much as
         autocast itself does: SmolLM2's residual stream reaches ~2e4, where bf16 steps by 128.)"""
         backbone = backbone_of(resident)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with resident.autocast(bf16):
             return run_layers(
                 backbone,
                 slice(0, self.first),
                 backbone.embed_tokens(ids),
                 attention,
-                positions(0, ids.shape[1]),
+                positions(0, ids.shape[1], ids.device),
             )
 
     def inputs(
@@ -252,19 +259,21 @@ class HiddenStates:
         bf16: bool,
     ) -> torch.Tensor:
         """The batch's states entering the first adapted layer (rows x width x hidden, zero where
-        `attention` is, in the model's dtype): from memory, or computed for the whole batch when any
-        row's are not known yet (then kept, one tensor per example)."""
+        `attention` is, in the model's dtype, on its device): from memory, or computed for the whole
+        batch when any row's are not known yet (then kept on the CPU, one tensor per example)."""
         keys = [(bf16, example_key(e.input_ids)) for e in examples]
         states = [self._get(key) for key in keys]
         if any(state is None for state in states):
             computed = self._compute(resident, ids, attention, bf16)
-            states = [computed[row, : len(e.input_ids)].clone() for row, e in enumerate(examples)]
+            states = [
+                computed[row, : len(e.input_ids)].to("cpu", copy=True) for row, e in enumerate(examples)
+            ]
             for key, state in zip(keys, states, strict=True):
                 self._put(key, state)
         batch = torch.zeros(*ids.shape, states[0].shape[-1], dtype=resident.peft.base_model.model.dtype)
         for row, state in enumerate(states):
             batch[row, : state.shape[0]] = state
-        return batch
+        return batch.to(resident.device)
 
     def recall(self, store: HiddenStore, user_id: str, bf16: bool) -> None:
         """Bring a user's stored states into memory the first time this process serves the user (a

@@ -6,7 +6,6 @@ PEFT's mixed-adapter batching, about 2x faster than looping over users one adapt
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -38,10 +37,9 @@ def generate_answers(
             truncation=True,
             max_length=max_prompt_tokens,
             return_tensors="pt",
-        )
+        ).to(resident.device)
         width = batch["input_ids"].shape[1]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
-        with autocast:
+        with resident.autocast(autocast_bf16):
             output = resident.peft.generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],

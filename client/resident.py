@@ -3,6 +3,10 @@
 PEFT slows down as adapters accumulate (add_adapter/load_adapter grow from ~60 ms to ~700 ms after
 90 adapters), so users are swapped by copying weights into the same two slots instead of loading
 one adapter per user. Both slots are active together: output = base + shared delta + personal delta.
+
+The model and every slot live on one device (the run's `device`, common/device.py); adapters enter
+and leave as CPU tensors (the wire, the store and the seeded initialization are on the CPU), so what
+leaves a client is the same whichever device trained it.
 """
 
 from __future__ import annotations
@@ -28,18 +32,31 @@ def weighted(state: Mapping[str, torch.Tensor], weight: float) -> StateDict:
 class ResidentModel:
     """Base model + `shared` and `personal` adapter slots, created once per process."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: AdapterSpec) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: AdapterSpec,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
-        self.peft: PeftModel = with_adapter(model, spec, adapter_name=SHARED)
+        self.device = torch.device(device)
+        # On the device before the adapters are added: PEFT puts every adapter beside its base layer.
+        self.peft: PeftModel = with_adapter(model.to(self.device), spec, adapter_name=SHARED)
         self.peft.add_adapter(PERSONAL, spec.peft_config())
         self._identity = {slot: clone_state(self.state(slot)) for slot in (SHARED, PERSONAL)}
         self.peft.eval()  # training switches to train mode only for its own steps
         self.use(personal=False)
 
     def state(self, slot: str) -> StateDict:
-        """The slot's tensors under PEFT's adapter-name-free keys (the keys a saved adapter has)."""
-        return get_peft_model_state_dict(self.peft, adapter_name=slot)
+        """The slot's tensors under PEFT's adapter-name-free keys (the keys a saved adapter has), on
+        the CPU (a copy from a GPU; the slot's own tensors on the CPU)."""
+        return {k: v.cpu() for k, v in get_peft_model_state_dict(self.peft, adapter_name=slot).items()}
+
+    def autocast(self, bf16: bool) -> torch.autocast:
+        """bf16 autocast on the model's device; nothing when `bf16` is off."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def mismatch(self, slot: str, state: Mapping[str, torch.Tensor]) -> str | None:
         """Why `state` cannot go into the slot (other keys or shapes, e.g. adapters on other layers, or

@@ -8,7 +8,9 @@ What keeps a step cheap on 2 CPU cores:
 - a prefix every example of a batch shares (LaMP prompts open with the task's instruction, about two
   thirds of a tagging example) runs once for the batch; every row reuses its keys and values, and
   autograd sums its gradient over the rows;
-- under bf16 autocast, eager attention for short batches, where SDPA's CPU backward is slower.
+- under bf16 autocast on a CPU, eager attention for short batches, where SDPA's CPU backward is slower.
+
+Batches are collated on the CPU and moved to the resident model's device for the step.
 """
 
 from __future__ import annotations
@@ -139,11 +141,12 @@ def target_loss(
 
 @contextlib.contextmanager
 def training_attention(model, rows: int, width: int, layers: int, bf16: bool) -> Iterator[None]:
-    """Under bf16 autocast, switch an SDPA model to eager attention for one step when the attention
-    weights of the `layers` it runs fit the budget."""
+    """Under bf16 autocast on a CPU, switch an SDPA model to eager attention for one step when the
+    attention weights of the `layers` it runs fit the budget (a GPU keeps SDPA's fused kernels)."""
     config = model.config
     weights = rows * config.num_attention_heads * width**2 * layers * 8  # fp32 + copies
-    if not bf16 or config._attn_implementation != "sdpa" or weights > EAGER_ATTENTION_BYTES:
+    on_cpu = model.device.type == "cpu"
+    if not (bf16 and on_cpu) or config._attn_implementation != "sdpa" or weights > EAGER_ATTENTION_BYTES:
         yield
         return
     model.set_attn_implementation("eager")
@@ -169,10 +172,9 @@ def _accumulate(
     layers = model.config.num_hidden_layers - resident.spec.first_layer
     total_loss, tokens = 0.0, 0
     for part, weight in zip(micro, targets, strict=True):
-        ids, attention, mask = collate(part, resident.tokenizer.pad_token_id)
+        ids, attention, mask = (t.to(resident.device) for t in collate(part, resident.tokenizer.pad_token_id))
         inputs = hidden.inputs(resident, part, ids, attention, autocast_bf16) if hidden is not None else None
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16)
-        with autocast, training_attention(model, *ids.shape, layers, autocast_bf16):
+        with resident.autocast(autocast_bf16), training_attention(model, *ids.shape, layers, autocast_bf16):
             loss = target_loss(resident, ids, attention, mask, shared_prefix_len(part), inputs)
             loss = loss * (weight / sum(targets))
         loss.backward()

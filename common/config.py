@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,6 +35,8 @@ PRIVACY_SETTINGS = ("none", "central-dp", "client-dp", "adaptive-dp", "local-dp"
 METHODS = tuple(_METHODS)
 AUTO = "auto"  # autocast-bf16: measured on the machine that computes (common/precision.py)
 ALL_LAYERS = "all"  # adapter-layers: every decoder layer
+# device: "auto" (CUDA when torch sees it, else the CPU), "cpu", "cuda" or "cuda:N" (common/device.py)
+DEVICE_SETTING = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 _CHOICES = {
     "strategy": STRATEGIES,
     "profile": PROFILE_MODES,
@@ -60,6 +63,7 @@ class RunConfig:
     model: str
     dtype: str
     autocast_bf16: bool | str
+    device: str
     data: str
     task: str
     benchmark_users: int
@@ -155,6 +159,10 @@ class RunConfig:
         if self.autocast_bf16 not in (True, False, AUTO):
             raise ConfigError(
                 f"{source}: autocast-bf16 = {self.autocast_bf16!r}; expected true, false or {AUTO!r}"
+            )
+        if not DEVICE_SETTING.fullmatch(self.device):
+            raise ConfigError(
+                f"{source}: device = {self.device!r}; expected {AUTO!r}, 'cpu', 'cuda' or 'cuda:N' (N = 0, 1, ...)"
             )
         if self.adapter_layers != ALL_LAYERS and (
             isinstance(self.adapter_layers, str) or self.adapter_layers < 1

@@ -9,6 +9,9 @@ keyed by the CPU's model and flags, torch's version and kernel level and the sha
 on one thread and counts that thread's CPU time: with 2 threads it scattered from 0.3x to 3.9x while
 other processes shared the cores; on one it held within 5% (1.6-1.9x here, 0.22-0.25x with AVX2
 kernels), and the ratio is the core's.
+
+On a CUDA device (`device`, common/device.py) nothing is probed: `auto` takes bf16 where
+torch.cuda.is_bf16_supported() says the GPU computes it natively (Ampere and later).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import AUTO, RunConfig
+from common.device import resolve_device
 from common.io import atomic_write_json, read_json
 from common.model import cache_root, model_config
 
@@ -191,13 +195,31 @@ def choose(setting: bool | str, shapes: ProbeShapes, cache_dir: Path) -> Precisi
     return Precision(bf16, reason, speedup)
 
 
+def cuda_choice(device: torch.device) -> Precision:
+    """`auto` on a GPU: bf16 where it has native bf16 matmuls (tensor cores run them several times
+    faster than fp32), fp32 on older GPUs, where bf16 would be emulated."""
+    # It asks about the current device. Making another one current creates a CUDA context in this
+    # process (`fedoppu simulate` would hold GPU memory for the whole run), so only when needed.
+    current = device.index in (None, torch.cuda.current_device())
+    with contextlib.nullcontext() if current else torch.cuda.device(device):
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    reason = (
+        f"autocast-bf16 = auto on {device} ({torch.cuda.get_device_name(device)}): torch.cuda.is_bf16_supported() "
+        f"is {bf16}, so {'bf16' if bf16 else 'fp32'}"
+    )
+    return Precision(bf16, reason)
+
+
 def compute_precision(config: RunConfig) -> Precision:
-    """The precision this run computes in on this machine: every reader of `autocast-bf16` asks here."""
-    return resolve_precision(config.autocast_bf16, config.model)
+    """The precision this run computes in on this machine's `device`: every reader of `autocast-bf16`
+    asks here."""
+    return resolve_precision(config.autocast_bf16, config.model, str(resolve_device(config.device)))
 
 
 @functools.cache  # once per process: the probe's file is read, or the probe runs, on first use only
-def resolve_precision(setting: bool | str, model: str) -> Precision:
+def resolve_precision(setting: bool | str, model: str, device: str = "cpu") -> Precision:
     if isinstance(setting, bool):
         return choose(setting, ProbeShapes(0, 0, 0), Path())
+    if device != "cpu":  # the run config's validation admits only true, false and auto
+        return cuda_choice(torch.device(device))
     return choose(setting, ProbeShapes.of(model_config(model)), cache_root())

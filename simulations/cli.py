@@ -21,7 +21,8 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIG
 
 
 def info_command(args: argparse.Namespace) -> int:
-    from common.config import AUTO
+    from common.config import AUTO, default_config_values
+    from common.device import describe_device, resolve_device
     from common.model import DEFAULT_MODEL, ModelNotFoundError, cache_root, cache_status, resolve_model
     from common.precision import resolve_precision
 
@@ -39,8 +40,12 @@ def info_command(args: argparse.Namespace) -> int:
     out.print(f"cache root     {cache_root()} (FEDOPPU_CACHE)")
     if source.cache_dir is not None:
         out.print(f"model cache    {source.cache_dir}: {cache_status(source)}")
-    precision = resolve_precision(AUTO, name)
-    out.print(f"precision      {precision.name} (bf16/fp32 speed {precision.speedup:.2f}x)")
+    setting = args.device or default_config_values()["device"]
+    device = resolve_device(setting)
+    out.print(f"device         {setting!r} -> {describe_device(device)}")
+    precision = resolve_precision(AUTO, name, str(device))
+    measured = f" (bf16/fp32 speed {precision.speedup:.2f}x)" if precision.speedup is not None else ""
+    out.print(f"precision      {precision.name}{measured}")
     out.print(f"               {precision.reason}")
     out.print(f"HF_HUB_OFFLINE {os.environ.get('HF_HUB_OFFLINE', '(unset)')}")
     return 0
@@ -55,7 +60,7 @@ def _version(package: str) -> str:
 
 def simulate_command(args: argparse.Namespace) -> int:
     from common.config import load_run_config
-    from simulations.engine import EngineOptions
+    from simulations.placement import EngineOptions
     from simulations.simulate import expand_methods, new_run_dir, resume, simulate, simulate_seeds
 
     engine = EngineOptions.from_args(args)
@@ -99,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     from common.cli import add_run_config_arguments
     from server import commands as server_commands
     from simulations import data_commands, privacy_commands
-    from simulations.engine import add_engine_arguments
+    from simulations.placement import add_engine_arguments
 
     parser = argparse.ArgumentParser(
         prog="fedoppu",
@@ -110,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions, which model the default resolves to, cache state")
     info.add_argument(
         "--model", help="a model name, HF id or directory to resolve (default: the run config's)"
+    )
+    info.add_argument(
+        "--device", help="a device setting to resolve: auto, cpu, cuda, cuda:N (default: the run config's)"
     )
     info.set_defaults(func=info_command)
 

@@ -8,7 +8,6 @@ background process is left behind. Written against flwr 1.42 (the pinned minor v
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import multiprocessing
@@ -16,7 +15,6 @@ import os
 import signal
 import time
 import warnings
-from dataclasses import dataclass
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -30,39 +28,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
 from common.config import PROJECT_DIR, RunConfig, flower_app_table
+from common.device import GPU_MEMORY_FRACTION_ENV
+from simulations.placement import DEFAULT_ENGINE, EngineOptions, ray_backend_config
 
 
 def _components() -> tuple[str, str]:
     components = flower_app_table()["components"]
     return components["serverapp"], components["clientapp"]
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How a simulated federation uses this machine; not part of the run config (results do not
-    depend on it)."""
-
-    cpus_per_client: int = 1
-    flower_log: bool = False  # Flower's own INFO log (rounds, sampling) besides fedoppu's progress
-    # Other apps than pyproject's components, as "module:attribute" (the tests' faulty and malicious apps).
-    server_app: str | None = None
-    client_app: str | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> EngineOptions:
-        return cls(args.cpus_per_client, args.flower_log)
-
-
-DEFAULT_ENGINE = EngineOptions()
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cpus-per-client", type=int, default=1, help="CPU cores per simulated client (default: 1)"
-    )
-    parser.add_argument(
-        "--flower-log", action="store_true", help="also show Flower's own log (rounds, sampling, Ray)"
-    )
 
 
 # How long an interrupted federation's processes may take to disappear after SIGKILL.
@@ -165,19 +137,12 @@ def _run_in_process(config: RunConfig, num_supernodes: int, engine: EngineOption
     run.override_config = run_config
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    total_cpus = os.cpu_count() or 1
-    backend_config = {
-        # Simulated nodes share a few Ray actors. One that dies (killed, out of memory) is restarted,
-        # and a message it was running or was handed while restarting is retried once: without that,
-        # Flower keeps handing every node's messages to the dead actor and the run hangs or fails.
-        "client_resources": {
-            "num_cpus": min(engine.cpus_per_client, total_cpus),
-            "num_gpus": 0.0,
-            "max_restarts": -1,
-            "max_task_retries": 1,
-        },
-        "init_args": {"num_cpus": total_cpus, "logging_level": logging.ERROR, "log_to_driver": True},
-    }
+    if engine.gpu is not None:  # Ray's workers see that GPU alone, as their cuda:0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[engine.gpu] if visible else str(engine.gpu)
+    if engine.gpus_per_client:  # Ray's workers inherit it: each holds itself to its share of the GPU's memory
+        os.environ[GPU_MEMORY_FRACTION_ENV] = str(engine.gpus_per_client)
+    backend_config = ray_backend_config(engine, os.cpu_count() or 1)
     _run_simulation(
         num_supernodes=num_supernodes,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

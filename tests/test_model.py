@@ -116,3 +116,5 @@ def test_info_command_reports_the_default_model_and_cache():
         [sys.executable, "-m", "simulations.cli", "info"], capture_output=True, text=True, check=True
     )
     assert DEFAULT_GGUF_FILE in result.stdout and "model cache" in result.stdout and "valid" in result.stdout
+    where = "cuda:0" if torch.cuda.is_available() else "cpu: no CUDA device"
+    assert f"device         'auto' -> {where}" in result.stdout and "precision" in result.stdout

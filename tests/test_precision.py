@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from common import precision
 from common.precision import MIN_SPEEDUP, ProbeShapes, choose, measure_speedup
@@ -48,3 +49,14 @@ def test_the_measurement_is_kept_per_machine_and_redone_when_the_key_changes(mon
 
 def test_the_probe_measures_both_precisions():
     assert measure_speedup(SHAPES, rows=8) > 0
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_auto_on_a_gpu_takes_bf16_where_torch_says_the_gpu_supports_it(monkeypatch, supported):
+    monkeypatch.setattr(precision, "measure_speedup", lambda shapes: pytest.fail("probed a GPU's precision"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "A Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: supported)
+    chosen = precision.cuda_choice(torch.device("cuda", 0))
+    assert chosen.bf16 is supported and chosen.speedup is None
+    assert f"on cuda:0 (A Test GPU): torch.cuda.is_bf16_supported() is {supported}" in chosen.reason

@@ -18,7 +18,8 @@ import pytest
 from common.config import load_run_config
 from common.io import read_json
 from simulations.cli import main
-from simulations.engine import EngineOptions, FederationFailed
+from simulations.engine import FederationFailed
+from simulations.placement import EngineOptions
 from simulations.simulate import resume, simulate
 from tests import faults
 

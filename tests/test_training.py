@@ -140,10 +140,9 @@ def test_fedprox_term_keeps_weights_closer_to_the_start(tiny_model):
     assert drift(50.0) < drift(0.0)
 
 
-@pytest.mark.parametrize("layers", [(), (1,)], ids=["every-layer", "top-layer"])
-def test_mixed_adapter_batches_answer_exactly_like_one_user_at_a_time(tiny_model, layers):
-    model, tokenizer = tiny_model
-    resident = ResidentModel(model, tokenizer, AdapterSpec(layers=layers))
+def mixed_and_per_user_answers(resident: ResidentModel) -> tuple[list[list[str]], list[list[str]]]:
+    """Four users' answers (three with random personal adapters, one without) in mixed batches, and
+    the same answered one user and one query at a time."""
     generator = torch.Generator().manual_seed(0)
 
     def adapter(slot, seed):
@@ -166,6 +165,15 @@ def test_mixed_adapter_batches_answer_exactly_like_one_user_at_a_time(tiny_model
         resident.load(PERSONAL, state)
         resident.use(personal=True)
         one_by_one.append([generate_answers(resident, [p], **options)[0] for p in user_prompts])
+    return mixed, one_by_one
+
+
+@pytest.mark.parametrize("layers", [(), (1,)], ids=["every-layer", "top-layer"])
+def test_mixed_adapter_batches_answer_exactly_like_one_user_at_a_time(tiny_model, layers):
+    model, tokenizer = tiny_model
+    mixed, one_by_one = mixed_and_per_user_answers(
+        ResidentModel(model, tokenizer, AdapterSpec(layers=layers))
+    )
     assert mixed == one_by_one
     assert len({tuple(a) for a in mixed}) > 1  # the users' adapters really differ
 
