@@ -207,7 +207,9 @@ class HiddenStates:
         self.device_tag = "" if resident.device.type == "cpu" else f"-{resident.device.type}"
         self._memory: OrderedDict[tuple[bool, str], torch.Tensor] = OrderedDict()
         self._bytes = 0
-        self._on_disk: dict[tuple[str, str], set[str]] = {}  # (user, variant) -> keys in its file
+        # (store, user, variant) -> keys in its file: one process may serve several nodes' stores (a
+        # simulation worker across runs), each with files of its own.
+        self._on_disk: dict[tuple[Path, str, str], set[str]] = {}
 
     def variant(self, bf16: bool) -> str:
         """What the states depend on besides the tokens: the weights, the split and the precision."""
@@ -278,18 +280,18 @@ class HiddenStates:
     def recall(self, store: HiddenStore, user_id: str, bf16: bool) -> None:
         """Bring a user's stored states into memory the first time this process serves the user (a
         deployed node's ClientApp process starts from the node's disk on every message)."""
-        variant = self.variant(bf16)
-        if (user_id, variant) in self._on_disk:
+        file = (store.root, user_id, self.variant(bf16))
+        if file in self._on_disk:
             return
-        stored = store.read(user_id, variant)
+        stored = store.read(user_id, file[2])
         for key, state in stored.items():
             self._put((bf16, key), state)
-        self._on_disk[(user_id, variant)] = set(stored)
+        self._on_disk[file] = set(stored)
 
     def keep(self, store: HiddenStore, user_id: str, examples: Sequence, bf16: bool) -> None:
         """Write the user's states to the node's disk when memory holds some that its file lacks."""
         variant = self.variant(bf16)
-        on_disk = self._on_disk.get((user_id, variant), set())
+        on_disk = self._on_disk.get((store.root, user_id, variant), set())
         fresh = {
             key: state
             for key in {example_key(e.input_ids) for e in examples} - on_disk
@@ -299,7 +301,7 @@ class HiddenStates:
             return
         states = {**store.read(user_id, variant), **fresh}
         store.write(user_id, variant, states, self.limit_bytes)
-        self._on_disk[(user_id, variant)] = set(states)
+        self._on_disk[(store.root, user_id, variant)] = set(states)
 
 
 @contextlib.contextmanager

@@ -122,7 +122,9 @@ class Federation:
         self.node_ids = wait_for_nodes(grid, config.min_nodes, config.timeout("min-nodes"))
         self.checkpoints = CheckpointStore(config.run_dir)
         self.recorder = RunRecorder(config.run_dir, self.task, resume=config.resume)
-        self.node_users: dict[int, list[str]] = {}  # learned from the replies that name users
+        # Learned from the replies that name users, kept in the results file: a node keeps its id across
+        # restarts, so a resumed run can name the users of a node that dies before it answers again.
+        self.node_users: dict[int, list[str]] = self.recorder.node_users
         self.stopped_early = False  # set by federate() when the privacy budget ends training early
         self.failure: str | None = None  # set by federate() when a round could not be aggregated
         self.shared_round = 0  # the round the latest shared adapter comes from
@@ -170,7 +172,7 @@ class Federation:
                     else:
                         replies.append(reply)
                         if named := _named_users(reply):
-                            self.node_users[node] = named
+                            self.recorder.learn_node_users(node, named)
                     progress.advance(bar)
                 if pending:
                     time.sleep(0.2)

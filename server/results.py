@@ -93,6 +93,7 @@ class RunRecorder:
                 "stops": [],
             }
         self.data.setdefault("user_scope", secrets.token_hex(16))
+        self._node_users = {int(node): users for node, users in self.data.get("node_users", {}).items()}
         self.save()
 
     @property
@@ -102,6 +103,16 @@ class RunRecorder:
 
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
+
+    @property
+    def node_users(self) -> dict[int, list[str]]:
+        """The users each node's replies named (a live view: learn_node_users adds to it)."""
+        return self._node_users
+
+    def learn_node_users(self, node: int, users: list[str]) -> None:
+        """Saved with the next record; node ids persist across a node's restarts (its registered key)."""
+        self._node_users[node] = users
+        self.data["node_users"] = {str(n): u for n, u in sorted(self._node_users.items())}
 
     @property
     def known_users(self) -> set[str]:

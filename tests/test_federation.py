@@ -105,7 +105,7 @@ def test_the_server_waits_for_min_nodes_saying_how_many_it_has(capsys):
 
 @pytest.mark.usefixtures("flower_identity")
 def test_a_resumed_run_names_the_users_of_a_node_that_dies_before_it_answers_again(tmp_path):
-    """Replies without history sizes (a node's policy may withhold them): the users come from the scores
+    """In evaluation and personalization. Replies without history sizes (a node's policy may withhold them): the users come from the scores
     the results file already holds."""
     overrides = [f'run-dir="{tmp_path}"', "evaluate-timeout=0.5"]
 
@@ -126,3 +126,5 @@ def test_a_resumed_run_names_the_users_of_a_node_that_dies_before_it_answers_aga
     )
     evaluation = resumed.evaluate("zero-shot", None)
     assert set(evaluation.users) == {"a"} and evaluation.missing.users == ["c"]
+    # personalization replies name no users: the node's users come from the replies of the earlier run
+    assert resumed.missing({2: "error: Node Unavailable"}).users == ["c"]
