@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from client.gate import gated_personal_adapter
+from client.gate import gated_personal_adapter, personal_steps, train_personal
 from client.hidden import HIDDEN_DIR, HiddenStates, HiddenStore, persisted
 from client.inference import answer_users
 from client.mods import GuardedClientApp, PrivacyGuard, ReplyRules, audit_mod, privacy_layer_mod
@@ -309,14 +309,11 @@ def personal_adapter(
             )
         resident.load(PERSONAL, start)
         resident.use(personal=True)
-        result = train_slot(
+        result = train_personal(
             resident,
-            PERSONAL,
+            config,
             examples,
-            steps=math.ceil(len(examples) * config.personal_epochs / config.batch_size),
-            batch_size=config.batch_size,
-            micro_batch_size=config.micro_batch_size,
-            learning_rate=config.personal_learning_rate,
+            personal_steps(config, examples),
             seed=seed,
             autocast_bf16=bf16,
             hidden=hidden,

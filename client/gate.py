@@ -35,15 +35,48 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from client.hidden import HiddenStates
 from client.resident import PERSONAL, SHARED, ResidentModel, weighted
 from client.store import GateDecision
-from client.training import Example, evaluation_loss, train_slot
+from client.training import Example, TrainResult, evaluation_loss, train_slot
 from common.adapters import StateDict, clone_state
 from common.config import RunConfig
+
+
+def personal_steps(config: RunConfig, examples: Sequence[Example]) -> int:
+    """The personal-epochs budget in optimizer steps."""
+    return math.ceil(len(examples) * config.personal_epochs / config.batch_size)
+
+
+def train_personal(
+    resident: ResidentModel,
+    config: RunConfig,
+    examples: Sequence[Example],
+    steps: int,
+    *,
+    seed: int,
+    autocast_bf16: bool,
+    hidden: HiddenStates | None,
+    on_step: Callable[[int, float], bool | None] | None = None,
+) -> TrainResult:
+    """The personal slot trained with the run's personal optimizer settings."""
+    return train_slot(
+        resident,
+        PERSONAL,
+        examples,
+        steps=steps,
+        batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size,
+        learning_rate=config.personal_learning_rate,
+        seed=seed,
+        autocast_bf16=autocast_bf16,
+        hidden=hidden,
+        on_step=on_step,
+    )
+
 
 MIN_HOLDOUT = 2  # held-out items at least; a user needs twice as many to be split at all
 PATIENCE = 2  # held-out evaluations without a gain before personal training stops
@@ -127,7 +160,7 @@ def gated_personal_adapter(
     resident.load(SHARED, None if shared is None else weighted(shared, base.shared_weight))
     resident.load(PERSONAL, start)
     resident.use(personal=True)
-    steps = math.ceil(len(train) * config.personal_epochs / config.batch_size)
+    steps = personal_steps(config, train)
     checks = evaluation_steps(steps, config.personal_gate_evals)
     best, since_best = None, 0
 
@@ -144,18 +177,8 @@ def gated_personal_adapter(
             since_best += 1
         return since_best >= PATIENCE
 
-    result = train_slot(
-        resident,
-        PERSONAL,
-        train,
-        steps=steps,
-        batch_size=config.batch_size,
-        micro_batch_size=config.micro_batch_size,
-        learning_rate=config.personal_learning_rate,
-        seed=seed,
-        autocast_bf16=autocast_bf16,
-        hidden=hidden,
-        on_step=on_step,
+    result = train_personal(
+        resident, config, train, steps, seed=seed, autocast_bf16=autocast_bf16, hidden=hidden, on_step=on_step
     )
     if best is not None:  # and the kept adapter with the shared adapter at the other weights
         candidates.append(best)
@@ -169,18 +192,15 @@ def gated_personal_adapter(
     if chosen.personal is not None and config.personal_gate_refit:
         # The same share of the budget on the whole history: the held-out items are too many of a light
         # user's few to leave out of the adapter that answers.
-        budget = math.ceil(len(examples) * config.personal_epochs / config.batch_size)
+        budget = personal_steps(config, examples)
         resident.load(SHARED, None if shared is None else weighted(shared, base.shared_weight))
         resident.load(PERSONAL, start)
         resident.use(personal=True)
-        result = train_slot(
+        result = train_personal(
             resident,
-            PERSONAL,
+            config,
             examples,
-            steps=round(budget * chosen.step / steps),
-            batch_size=config.batch_size,
-            micro_batch_size=config.micro_batch_size,
-            learning_rate=config.personal_learning_rate,
+            round(budget * chosen.step / steps),
             seed=seed,
             autocast_bf16=autocast_bf16,
             hidden=hidden,
