@@ -307,13 +307,12 @@ def personal_adapter(
                 autocast_bf16=bf16,
                 hidden=hidden,
             )
-        resident.load(PERSONAL, start)
-        resident.use(personal=True)
         result = train_personal(
             resident,
             config,
             examples,
             personal_steps(config, examples),
+            start=start,
             seed=seed,
             autocast_bf16=bf16,
             hidden=hidden,

@@ -57,12 +57,16 @@ def train_personal(
     examples: Sequence[Example],
     steps: int,
     *,
+    start: StateDict | None,
     seed: int,
     autocast_bf16: bool,
     hidden: HiddenStates | None,
     on_step: Callable[[int, float], bool | None] | None = None,
 ) -> TrainResult:
-    """The personal slot trained with the run's personal optimizer settings."""
+    """The personal slot trained from `start` (None: a fresh adapter) with the run's personal optimizer
+    settings, on top of whatever the shared slot holds."""
+    resident.load(PERSONAL, start)
+    resident.use(personal=True)
     return train_slot(
         resident,
         PERSONAL,
@@ -158,8 +162,6 @@ def gated_personal_adapter(
     candidates = [Candidate(loss_with(w, None), w, None) for w in weights]
     base = min(candidates, key=lambda c: c.loss)  # first of equals: the larger weight
     resident.load(SHARED, None if shared is None else weighted(shared, base.shared_weight))
-    resident.load(PERSONAL, start)
-    resident.use(personal=True)
     steps = personal_steps(config, train)
     checks = evaluation_steps(steps, config.personal_gate_evals)
     best, since_best = None, 0
@@ -178,7 +180,15 @@ def gated_personal_adapter(
         return since_best >= PATIENCE
 
     result = train_personal(
-        resident, config, train, steps, seed=seed, autocast_bf16=autocast_bf16, hidden=hidden, on_step=on_step
+        resident,
+        config,
+        train,
+        steps,
+        start=start,
+        seed=seed,
+        autocast_bf16=autocast_bf16,
+        hidden=hidden,
+        on_step=on_step,
     )
     if best is not None:  # and the kept adapter with the shared adapter at the other weights
         candidates.append(best)
@@ -194,13 +204,12 @@ def gated_personal_adapter(
         # user's few to leave out of the adapter that answers.
         budget = personal_steps(config, examples)
         resident.load(SHARED, None if shared is None else weighted(shared, base.shared_weight))
-        resident.load(PERSONAL, start)
-        resident.use(personal=True)
         result = train_personal(
             resident,
             config,
             examples,
             round(budget * chosen.step / steps),
+            start=start,
             seed=seed,
             autocast_bf16=autocast_bf16,
             hidden=hidden,

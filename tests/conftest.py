@@ -23,6 +23,14 @@ def tokenizer():
     return load_tokenizer(os.environ.get("FEDOPPU_TEST_TOKENIZER", DEFAULT_MODEL))
 
 
+def random_adapter(resident, slot: str, seed: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A fresh adapter with random B (a fresh one is the identity): answers then differ per adapter."""
+    state = resident.fresh(slot, seed)
+    return {
+        k: torch.randn(v.shape, generator=generator) * 0.3 if "lora_B" in k else v for k, v in state.items()
+    }
+
+
 def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import random_adapter
 
 from client.gate import MIN_HOLDOUT, gated_personal_adapter, holdout_split
 from client.inference import answer_users, generate_answers
@@ -161,11 +162,7 @@ def test_a_mixed_batch_with_a_weight_per_user_answers_like_each_user_alone(tiny_
     generator = torch.Generator().manual_seed(0)
 
     def adapter(slot, seed):
-        state = resident.fresh(slot, seed)
-        return {
-            k: torch.randn(v.shape, generator=generator) * 0.3 if "lora_B" in k else v
-            for k, v in state.items()
-        }
+        return random_adapter(resident, slot, seed, generator)
 
     shared = adapter(SHARED, 1)
     resident.load(SHARED, shared)

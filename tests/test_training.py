@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import random_adapter
 
 from client.inference import answer_users, generate_answers
 from client.resident import PERSONAL, SHARED, ResidentModel
@@ -146,11 +147,7 @@ def mixed_and_per_user_answers(resident: ResidentModel) -> tuple[list[list[str]]
     generator = torch.Generator().manual_seed(0)
 
     def adapter(slot, seed):
-        state = resident.fresh(slot, seed)
-        return {
-            k: torch.randn(v.shape, generator=generator) * 0.3 if "lora_B" in k else v
-            for k, v in state.items()
-        }
+        return random_adapter(resident, slot, seed, generator)
 
     resident.load(SHARED, adapter(SHARED, 1))
     personals = [adapter(PERSONAL, 10 + i) for i in range(3)] + [None]
