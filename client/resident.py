@@ -11,7 +11,8 @@ leaves a client is the same whichever device trained it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -46,6 +47,15 @@ class ResidentModel:
         self.peft: PeftModel = with_adapter(model.to(self.device), spec, adapter_name=SHARED)
         self.peft.add_adapter(PERSONAL, spec.peft_config())
         self._identity = {slot: clone_state(self.state(slot)) for slot in (SHARED, PERSONAL)}
+        # The frozen base model's linear maps (the adapters' own are excluded: slots change), and
+        # their bf16 copies once a bf16 autocast has needed them.
+        self._base_linears = [
+            module
+            for name, module in self.peft.named_modules()
+            if isinstance(module, torch.nn.Linear) and "lora_" not in name
+        ]
+        self._bf16_weights: list[torch.nn.Parameter] = []
+        self._autocast_depth = 0
         self.peft.eval()  # training switches to train mode only for its own steps
         self.use(personal=False)
 
@@ -54,9 +64,41 @@ class ResidentModel:
         the CPU (a copy from a GPU; the slot's own tensors on the CPU)."""
         return {k: v.cpu() for k, v in get_peft_model_state_dict(self.peft, adapter_name=slot).items()}
 
-    def autocast(self, bf16: bool) -> torch.autocast:
-        """bf16 autocast on the model's device; nothing when `bf16` is off."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+    @contextlib.contextmanager
+    def autocast(self, bf16: bool) -> Iterator[None]:
+        """bf16 autocast on the model's device, with the frozen base weights already in bf16; nothing
+        when `bf16` is off. Autocast keeps its casts only of weights that need a gradient, so it cast
+        every frozen weight again on every call: half of answering's CPU time (every generated token
+        cast the whole model) and a sixth of training's. The results are the same bits: the copies are
+        what autocast would have cast. They cost 2 bytes per base weight, kept from the first use."""
+        if not bf16:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            outermost = self._autocast_depth == 0
+            self._autocast_depth += 1
+            originals = [module.weight for module in self._base_linears]
+            if outermost:
+                for module, weight in zip(self._base_linears, self.bf16_weights(), strict=True):
+                    module.weight = weight
+            try:
+                yield
+            finally:
+                self._autocast_depth -= 1
+                if outermost:
+                    for module, weight in zip(self._base_linears, originals, strict=True):
+                        module.weight = weight
+
+    def bf16_weights(self) -> list[torch.nn.Parameter]:
+        """bf16 copies of the base model's linear weights (a tied lm_head gets its own: the embedding
+        keeps its fp32 table), made outside any inference mode so that training can use them too."""
+        if not self._bf16_weights:
+            with torch.inference_mode(False), torch.no_grad():
+                self._bf16_weights = [
+                    torch.nn.Parameter(module.weight.to(torch.bfloat16), requires_grad=False)
+                    for module in self._base_linears
+                ]
+        return self._bf16_weights
 
     def mismatch(self, slot: str, state: Mapping[str, torch.Tensor]) -> str | None:
         """Why `state` cannot go into the slot (other keys or shapes, e.g. adapters on other layers, or

@@ -261,7 +261,7 @@ def evaluation_loss(
             inputs = (
                 hidden.inputs(resident, batch, ids, attention, autocast_bf16) if hidden is not None else None
             )
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            with resident.autocast(autocast_bf16):
                 loss = target_loss(resident, ids, attention, mask, shared_prefix_len(batch), inputs)
             count = int(mask.sum())
             total += loss.item() * count

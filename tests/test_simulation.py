@@ -163,7 +163,15 @@ def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_
     command += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     process = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        start_new_session=True,
+        # As in a terminal: Python turns SIGINT into KeyboardInterrupt only where it is not ignored, and
+        # a shell's background job (pytest started with `&`) hands its children an ignored SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 300

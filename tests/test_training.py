@@ -222,6 +222,38 @@ def test_bf16_autocast_loss_tracks_fp32(tiny_model):
     assert abs(losses[0] - losses[1]) / losses[0] < 0.02
 
 
+def test_bf16_autocast_gives_autocasts_bits_and_leaves_the_fp32_model_as_it_was(tiny_model):
+    """The resident's autocast runs the frozen weights from bf16 copies (autocast would cast them on
+    every call): the same logits and gradients as plain autocast, and the fp32 weights (the tied
+    embedding among them) are back, untouched, afterwards."""
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, AdapterSpec())
+    resident.load(SHARED, _with_random_b(resident.fresh(SHARED, 0)))
+    ids = torch.tensor([tokenizer("a question and its answer")["input_ids"]])
+    before = {name: p.clone() for name, p in resident.peft.named_parameters()}
+
+    def logits_and_grads(autocast) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        params = resident.trainable(SHARED)
+        for p in params:
+            p.grad = None
+        with autocast:
+            logits = resident.peft(input_ids=ids).logits
+        logits.float().square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in params]
+
+    plain = logits_and_grads(torch.autocast("cpu", dtype=torch.bfloat16))
+    with resident.autocast(True):  # nested: the outer one swaps and restores
+        swapped = logits_and_grads(resident.autocast(True))
+        assert resident.peft.base_model.model.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(plain[0], swapped[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], swapped[1], strict=True))
+    after = dict(resident.peft.named_parameters())
+    assert set(after) == set(before) and all(after[n].dtype == torch.float32 for n in after)
+    assert all(torch.equal(after[n], before[n]) for n in before if "lora_" not in n)
+    embedding = resident.peft.base_model.model.model.embed_tokens.weight
+    assert resident.peft.base_model.model.lm_head.weight is embedding  # tied again, as loaded
+
+
 def _with_random_b(state):
     generator = torch.Generator().manual_seed(3)
     return {
