@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -29,6 +30,7 @@ from common.cli import console
 from common.config import RunConfig
 from common.methods import METHODS
 from common.tasks import get_task
+from server.carried import carried_state, restore_carried
 from server.checkpoints import CheckpointStore
 from server.grid import RoundFailed, RoundGrid, RoundPolicy, RoundTraffic, UpdateRules, no_reply
 from server.privacy import PrivacyLayer
@@ -105,6 +107,7 @@ class SharedTraining:
     train_metrics: list[dict[str, float]] = field(default_factory=list)
     aggregated: int | None = None  # clients in the round's aggregate; None until the strategy made one
     round_started: float = field(default_factory=time.monotonic)
+    strategy: Strategy | None = None  # the wrapped strategy, whose carried state each checkpoint keeps
 
     def aggregate_train(self, records: list[RecordDict], weighting: str) -> MetricRecord:
         aggregated = aggregate_metricrecords(records, weighting)
@@ -229,10 +232,11 @@ class Federation:
         self.recorder.record_personalization(method, summary)
 
     # -- stage 1 -----------------------------------------------------------------------------------
-    def initial_shared(self) -> tuple[int, StateDict]:
+    def initial_shared(self) -> tuple[int, StateDict, StateDict]:
+        """(round, shared adapter, the strategy's carried state) to start from."""
         if self.config.resume and (latest := self.checkpoints.latest()) is not None:
             return latest
-        return 0, initial_adapter(self.config.model, self.config.dtype, self.spec, self.config.seed)
+        return 0, initial_adapter(self.config.model, self.config.dtype, self.spec, self.config.seed), {}
 
     def round_grid(self, privacy: PrivacyLayer) -> RoundGrid:
         """The grid the rounds go through, with this run's round policy and update rules."""
@@ -256,7 +260,7 @@ class Federation:
         also stops training, and the run: every checkpoint is kept, and `resume` continues from it.
         """
         config = self.config
-        start_round, state = self.initial_shared()
+        start_round, state, carried = self.initial_shared()
         self.shared_round = start_round
         if start_round >= config.num_rounds:
             if self.redo("shared"):  # interrupted before, or short of users at, its last evaluation
@@ -303,7 +307,9 @@ class Federation:
                     base = build_strategy(config.replace(fraction_train=1.0), 0)
                     stage.grid.min_nodes = sampling.size or 1
                 base.train_metrics_aggr_fn = stage.aggregate_train
-                privacy.wrap(base, start_round, stage.grid.min_nodes).start(
+                stage.strategy = privacy.wrap(base, start_round, stage.grid.min_nodes)
+                restore_carried(stage.strategy, carried, str(self.checkpoints.root / "latest.json"))
+                stage.strategy.start(
                     stage.grid,
                     ArrayRecord({k: v.float() for k, v in wire.items()}),
                     num_rounds=rounds,
@@ -365,7 +371,8 @@ class Federation:
         privacy = stage.privacy
         if traffic.sampled or privacy.setting == "central-dp":  # otherwise an empty round released nothing
             privacy.released()
-        self.checkpoints.save(current, weights, self.spec.peft_config())
+        carried = carried_state(stage.strategy) if stage.strategy is not None else None
+        self.checkpoints.save(current, weights, self.spec.peft_config(), carried)
         released = {"epsilon": privacy.spent(), "bytes-per-client": traffic.bytes_per_client}
         if (clip := privacy.round_clipping_norm()) is not None:
             released["clipping-norm"] = clip  # this round's

@@ -57,7 +57,7 @@ def test_the_run_records_its_sampling_noise_and_epsilon(dp_run):
 def test_ffa_lora_keeps_a_as_drawn_and_trains_b(dp_run):
     config, run_dir = dp_run
     initial = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
-    last_round, final = CheckpointStore(run_dir).latest()
+    last_round, final, _ = CheckpointStore(run_dir).latest()
     assert last_round == 3
     for key, tensor in initial.items():
         if FFA_FROZEN in key:

@@ -7,12 +7,17 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from peft import LoraConfig
 
 from common.accounting import noise_multiplier
 from common.config import ConfigError, load_run_config
+from common.io import DataError
+from server.carried import carried_state, restore_carried
+from server.checkpoints import SERVER_STATE, CheckpointStore
 from server.dpfedavg import CLIP_LEARNING_RATE
 from server.privacy import PrivacyLayer
 from server.sampling import ClientSampling, SampledNodes
@@ -265,3 +270,62 @@ def test_adaptive_clipping_moves_the_norm_towards_the_median_update():
         strategy, current, [_update(0.1, seed) for seed in range(4)], server_round=2
     )  # all within: shrinks
     assert layer.strategy.clipping_norm == pytest.approx(1.0)
+
+
+def _noise(layer, value: float) -> None:
+    if hasattr(layer.strategy, "rng"):  # DP-FedAvg: noise of a known value
+        layer.strategy.rng = _ConstantNoise(value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"dp-server-momentum": 0.9},  # central-dp: adaptive clip norm and server momentum
+        {"privacy": '"none"', "strategy": '"fedadam"', "server-learning-rate": 0.5},
+        {"privacy": '"none"', "strategy": '"fedavgm"', "server-learning-rate": 0.5},
+    ],
+)
+def test_a_resumed_run_goes_on_with_the_clip_norm_and_momentum_it_checkpointed(tmp_path, overrides):
+    """Round 3 after a resume from round 2's checkpoint equals round 3 of the run that never stopped:
+    the adapted clip norm and server momentum (or the base strategy's own moments) come back with it,
+    where a resume without them would train differently."""
+    layer, strategy = _dp_strategy(**overrides)
+    _noise(layer, 0.01)
+    current = {k: np.zeros(s) for k, s in SHAPES.items()}
+    for server_round, scale in ((1, 5.0), (2, 3.0)):
+        current = _round(strategy, current, [_update(scale, s) for s in range(4)], server_round)
+    store = CheckpointStore(tmp_path)
+    adapter = {k: torch.from_numpy(v.astype(np.float32)) for k, v in current.items()}
+    carried = carried_state(strategy)
+    assert carried and all(torch.isfinite(t).all() for t in carried.values())
+    store.save(2, adapter, LoraConfig(r=4, target_modules=["q_proj"]), carried)
+
+    last_round, restored_adapter, restored = store.latest()
+    assert last_round == 2 and set(restored) == set(carried)
+    resumed_layer, resumed = _dp_strategy(**overrides)
+    _noise(resumed_layer, 0.01)
+    restore_carried(resumed, restored, "latest.json")
+    fresh_layer, fresh = _dp_strategy(**overrides)  # a resume without the carried state
+    _noise(fresh_layer, 0.01)
+    start = {k: v.double().numpy() for k, v in restored_adapter.items()}
+    third = [_update(1.0, s) for s in range(4, 8)]
+    expected = _round(strategy, current, third, 3)
+    after_resume = _round(resumed, start, third, 3)
+    for key in SHAPES:
+        np.testing.assert_allclose(after_resume[key], expected[key], atol=1e-5)
+    after_fresh = _round(fresh, start, third, 3)
+    assert not all(np.allclose(after_fresh[k], expected[k], atol=1e-5) for k in SHAPES)
+
+
+def test_carried_state_that_is_not_the_runs_strategy_is_named(tmp_path):
+    _, strategy = _dp_strategy()
+    with pytest.raises(DataError, match=r"'0/m_t/x' is not state of this run's strategy"):
+        restore_carried(strategy, {"0/m_t/x": torch.zeros(2)}, "latest.json")
+    store = CheckpointStore(tmp_path)
+    config = LoraConfig(r=4, target_modules=["q_proj"])
+    target = store.save(
+        1, {"a.lora_A.weight": torch.zeros(4, 16)}, config, {"1/clipping_norm": torch.tensor(1.0)}
+    )
+    (target / SERVER_STATE).write_bytes(b"truncated")
+    with pytest.raises(DataError, match="strategy's state is missing or fails its sha256 check"):
+        store.latest()

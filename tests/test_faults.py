@@ -264,7 +264,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, mon
     with pytest.raises(StorageError, match=rf"cannot write {tmp_path / 'checkpoints' / 'round-0002'}"):
         store.save(2, {k: v + 1 for k, v in state.items()}, peft_config)
     assert sorted(p.name for p in store.root.iterdir()) == ["latest.json", "round-0001"]
-    latest_round, latest = store.latest()
+    latest_round, latest, _ = store.latest()
     assert latest_round == 1 and all(torch.equal(latest[k], state[k]) for k in state)
 
 
