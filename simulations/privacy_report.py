@@ -119,8 +119,16 @@ class Scores:
     def estimate(self, value: Sampled) -> Estimate:
         return sampled_estimate(*value, len(self.users))
 
+    def gain(self, nonprivate: Sampled, zero_shot: Sampled) -> Estimate:
+        """The non-private gain over zero-shot, in the direction in which the metric improves."""
+        return self.estimate(_scaled(_minus(nonprivate, zero_shot), self.sign))
+
     def gain_retained(self, private: Sampled, nonprivate: Sampled, zero_shot: Sampled) -> Estimate:
-        """(private - zero-shot) / (non-private - zero-shot); undefined without a non-private gain."""
+        """(private - zero-shot) / (non-private - zero-shot); undefined (NaN) unless the non-private
+        gain is above zero at 95%: a share of a gain the data cannot tell from zero says nothing (a
+        gain of 0.005 against a loss of 0.16 made "-3100% retained")."""
+        if not self.gain(nonprivate, zero_shot).lo > 0:  # NaN (no interval) is not a gain either
+            return Estimate(math.nan, math.nan, math.nan, len(self.users))
         return ratio(_minus(private, zero_shot), _minus(nonprivate, zero_shot), len(self.users), self.sign)
 
     def won_back(self, shared: Sampled, oppu: Sampled, nonprivate: dict[str, Sampled]) -> Estimate:
@@ -201,16 +209,16 @@ def research_answer(reference: dict, runs: dict[str, dict], scores: Scores) -> l
     if zero_shot is not None:
         once = f"Zero-shot {zero_shot[0]:.4f}" + (f", local {local[0]:.4f}" if local is not None else "")
         lines.append(f"{once}: computed once (runs/reference); no privacy setting changes them.")
-        gains = {m: s * (nonprivate[m][0] - zero_shot[0]) for m in PER_SETTING}
+        gains = {m: scores.gain(nonprivate[m], zero_shot) for m in PER_SETTING}
         lines.append(
-            f"Without DP: shared {nonprivate['shared'][0]:.4f} ({gains['shared']:+.4f} over zero-shot), "
-            f"OPPU {nonprivate['oppu'][0]:.4f} ({gains['oppu']:+.4f})."
+            f"Without DP: shared {nonprivate['shared'][0]:.4f} ({gains['shared'].text(4)} over zero-shot), "
+            f"OPPU {nonprivate['oppu'][0]:.4f} ({gains['oppu'].text(4)})."
         )
         lines += [
-            f"Without DP the {name} gains nothing over zero-shot ({gains[m]:+.4f}): it has no gain to "
-            "retain, so its share of the non-private gain is undefined."
+            f"Without DP the {name}'s gain over zero-shot, {gains[m].text(4)}, is not above zero at 95%: "
+            "there is no gain to retain, so its share of the non-private gain is undefined."
             for m, name in (("shared", "shared adapter"), ("oppu", "OPPU"))
-            if gains[m] <= 0
+            if not gains[m].lo > 0
         ]
     answers = []
     private = sorted(
@@ -308,7 +316,7 @@ def plot_utility_vs_epsilon(rows: list[dict], metric: str, path: Path) -> None:
         if private:
             axis.set_xscale("log")
             axis.set_xticks(sorted({r["epsilon"] for r in private}))
-            axis.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))  # 2, not 1.99994
             axis.xaxis.set_minor_formatter(ticker.NullFormatter())
         axis.legend(fontsize=7)
     share_axis.axhline(1.0, color="gray", linewidth=0.8)

@@ -138,7 +138,7 @@ def test_the_summary_says_how_much_of_dps_cost_the_personal_adapters_win_back():
     assert lines[0].startswith("Of what DP costs the shared adapter, the personal adapters win back 50%")
     assert lines[0].endswith("at epsilon 4 (central-dp-eps4).")
     assert "Zero-shot 0.1000, local 0.6000: computed once" in lines[1]
-    assert "shared 0.5000 (+0.4000 over zero-shot), OPPU 0.8000 (+0.7000)" in lines[2]
+    assert "shared 0.5000 (0.4000 [" in lines[2] and "over zero-shot), OPPU 0.8000 (0.7000 [" in lines[2]
     dp = next(line for line in lines if line.startswith("central-dp-eps4"))
     assert (
         "costs the shared adapter 0.2000" in dp
@@ -156,7 +156,12 @@ def test_the_summary_and_table_without_a_gain_to_share_or_a_cost_to_win_back():
     }
     lines = research_answer(REFERENCE, runs, Scores(REFERENCE, runs, resamples=200))
     assert any(
-        "Without DP the shared adapter gains nothing over zero-shot (+0.0000)" in line for line in lines
+        line.startswith("Without DP the shared adapter's gain over zero-shot, 0.0000 [")
+        and line.endswith(
+            "is not above zero at 95%: there is no gain to retain, so its share of the "
+            "non-private gain is undefined."
+        )
+        for line in lines
     )
     assert lines[0].startswith("DP cost the shared adapter nothing measurable")
     dp = next(line for line in lines if line.startswith("central-dp-eps2"))
@@ -168,6 +173,23 @@ def test_the_summary_and_table_without_a_gain_to_share_or_a_cost_to_win_back():
     assert research_answer(REFERENCE, without_none, Scores(REFERENCE, without_none)) == [
         "No 'none' run to compare with: add it to --settings to measure what DP costs."
     ]
+
+
+def test_a_gain_the_data_cannot_tell_from_zero_has_no_share():
+    """Shared gains 1 answer of 40 over zero-shot without DP (its interval includes 0): a share of it
+    would read "-400% retained" after DP; it is undefined instead, in the table and the summary."""
+    runs = {
+        "none": _run({"shared": 5, "oppu": 32}),
+        "central-dp-eps2": _run({"shared": 0, "oppu": 30}, "central-dp", 2.0),
+    }
+    scores = Scores(REFERENCE, runs, resamples=200)
+    gain = scores.gain(scores.of("none", "shared"), scores.of(None, "zero-shot"))
+    assert gain.value == pytest.approx(1 / 40) and gain.lo <= 0 < gain.hi
+    rows = {(r["run"], r["method"]): r for r in _rows(REFERENCE, runs)}
+    assert rows[("central-dp-eps2", "shared")]["gain_retained"] is None
+    assert rows[("central-dp-eps2", "oppu")]["gain_retained"] == pytest.approx((0.75 - 0.1) / (0.8 - 0.1))
+    dp = next(line for line in research_answer(REFERENCE, runs, scores) if line.startswith("central-dp"))
+    assert "Kept of the non-private gain over zero-shot: OPPU" in dp and "shared -" not in dp
 
 
 def test_a_lower_is_better_metric_counts_gains_downwards():
