@@ -25,9 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# Two workers, a test file each (module fixtures stay in one process): the end-to-end federations
-	# wait on timeouts and heartbeats as much as they compute.
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10
+	# Two workers, a test file each (module fixtures stay in one process), the files of whole
+	# federations first (tests/conftest.py): they wait on timeouts and heartbeats as much as they compute.
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench

@@ -144,3 +144,10 @@ def tiny_run(tiny_model_dir) -> dict:
         "personal-epochs": 0.5,
         "adapter-layers": 1,  # the top layer of two: federations exercise the states kept below it
     }
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files marked `federation` first: `make test`'s two workers take a file at a time in this order
+    (--no-loadscope-reorder), so the few files that each run minutes of federations start at once
+    instead of last, when pytest-xdist's default (most tests first) would leave one worker alone."""
+    items.sort(key=lambda item: item.get_closest_marker("federation") is None)

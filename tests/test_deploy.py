@@ -28,6 +28,8 @@ from server.certs import CertDir, CertError, ensure_certs, server_hosts
 from server.commands import superlink_command
 from simulations.cli import main
 
+pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled first (conftest.py)
+
 # -- certificates and command lines (fast) -------------------------------------------------------------
 
 

@@ -11,6 +11,8 @@ from deployment import deployment, kill, pseudonyms, wait_for
 from client.store import STATE_DIR
 from common.io import file_sha256, read_json
 
+pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled first (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, tiny_model_dir):

@@ -17,6 +17,8 @@ from common.io import read_json
 from server.checkpoints import CheckpointStore
 from simulations.simulate import simulate
 
+pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled first (conftest.py)
+
 OVERRIDES = {
     "privacy": '"central-dp"',
     "sample-rate": 0.5,

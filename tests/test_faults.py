@@ -36,6 +36,8 @@ from simulations.report import failure_lines, summary_rows
 from simulations.simulate import resume, simulate
 from tests import faults
 
+pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled first (conftest.py)
+
 USERS = {0: ["u000", "u001"], 1: ["u002", "u003"], 2: ["u004", "u005"]}  # by partition
 ALL_USERS = sorted(u for users in USERS.values() for u in users)
 FAULTY = EngineOptions(client_app="tests.faults:app")

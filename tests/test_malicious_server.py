@@ -31,7 +31,7 @@ from common.tasks import get_task
 from simulations.engine import run_federation
 from simulations.placement import EngineOptions
 
-pytestmark = pytest.mark.usefixtures("flower_identity")
+pytestmark = [pytest.mark.usefixtures("flower_identity"), pytest.mark.federation]  # federation: conftest.py
 
 POLICY = """
 allowed-privacy = ["local-dp", "secagg+dp"]

@@ -18,6 +18,8 @@ from dp_accounting.rdp import RdpAccountant
 from common.io import read_json
 from simulations.cli import main
 
+pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled first (conftest.py)
+
 SETTINGS = ("central-dp", "client-dp", "adaptive-dp", "local-dp", "secagg", "secagg+dp")
 LABELS = ("central-dp-z1", "client-dp-z1", "adaptive-dp-z1", "local-dp-z1", "secagg", "secagg+dp-z1")
 OVERRIDES = {

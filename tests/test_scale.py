@@ -3,12 +3,15 @@ and evaluation reach every user, and the report says how long a round took."""
 
 from __future__ import annotations
 
+import pytest
 from rich.console import Console
 
 from common.config import load_run_config
 from common.io import read_json
 from simulations.report import round_time_line, write_report
 from simulations.simulate import simulate
+
+pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled first (conftest.py)
 
 USERS = 40
 SAMPLED = 4  # clients-per-round: 4 of 40 clients

@@ -23,6 +23,8 @@ from simulations.placement import EngineOptions
 from simulations.simulate import resume, simulate
 from tests import faults
 
+pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled first (conftest.py)
+
 USERS = 2  # benchmark-users in the tiny_run fixture
 
 
