@@ -77,7 +77,7 @@ class ResidentModel:
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             outermost = self._autocast_depth == 0
             self._autocast_depth += 1
-            originals = [module.weight for module in self._base_linears]
+            originals = [module.weight for module in self._base_linears] if outermost else []
             if outermost:
                 for module, weight in zip(self._base_linears, self.bf16_weights(), strict=True):
                     module.weight = weight
