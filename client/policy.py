@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-from dp_accounting import dp_event
-from dp_accounting.rdp import RdpAccountant
 
 from common import protocol
 from common.config import PRIVACY_SETTINGS
@@ -205,6 +203,9 @@ def epsilon(multipliers: list[float], delta: float) -> float:
     """(epsilon, delta) of Gaussian releases composed in RDP (no subsampling credit)."""
     if not multipliers:
         return 0.0
+    from dp_accounting import dp_event  # a second of imports: only for a node that accounts
+    from dp_accounting.rdp import RdpAccountant
+
     accountant = RdpAccountant()
     for multiplier in multipliers:
         accountant.compose(dp_event.GaussianDpEvent(multiplier))

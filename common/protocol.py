@@ -21,15 +21,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.constant import ErrorCode
 
-from common.adapters import StateDict
 from common.metrics import count_names, label_count_names
 from common.tasks import Task
+
+if TYPE_CHECKING:  # a node's CLI (client/policy.py) imports this module: no torch for annotations
+    import torch
+
+    from common.adapters import StateDict
 
 # Message types. `train` and `evaluate` are Flower's; personalization is a `train` sub-action.
 TRAIN = MessageType.TRAIN

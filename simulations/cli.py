@@ -60,7 +60,7 @@ def _version(package: str) -> str:
 
 def simulate_command(args: argparse.Namespace) -> int:
     from common.config import load_run_config
-    from simulations.placement import EngineOptions
+    from simulations.engine_options import EngineOptions
     from simulations.simulate import expand_methods, new_run_dir, resume, simulate, simulate_seeds
 
     engine = EngineOptions.from_args(args)
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     from common.cli import add_run_config_arguments
     from server import commands as server_commands
     from simulations import data_commands, privacy_commands
-    from simulations.placement import add_engine_arguments
+    from simulations.engine_options import add_engine_arguments
 
     parser = argparse.ArgumentParser(
         prog="fedoppu",

@@ -29,7 +29,8 @@ from flwr.supercore.telemetry import EventType
 
 from common.config import PROJECT_DIR, RunConfig, flower_app_table
 from common.device import GPU_MEMORY_FRACTION_ENV
-from simulations.placement import DEFAULT_ENGINE, EngineOptions, ray_backend_config
+from simulations.engine_options import DEFAULT_ENGINE, EngineOptions
+from simulations.placement import ray_backend_config
 
 
 def _components() -> tuple[str, str]:

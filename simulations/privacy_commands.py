@@ -33,9 +33,7 @@ from common.config import (
     load_run_config,
 )
 from common.io import read_json
-from simulations.placement import EngineOptions, add_engine_arguments
-from simulations.privacy_report import write_privacy_report
-from simulations.simulate import new_run_dir, simulate
+from simulations.engine_options import EngineOptions, add_engine_arguments
 
 # No DP, central DP at three target epsilons (the accountant derives z for the planned rounds and the
 # sampling rate), local DP at the run config's z, and SecAgg+ (noiseless).
@@ -150,6 +148,8 @@ def point_config(base: RunConfig, overrides: dict[str, Any], run_dir: Path, labe
 
 def run_once(config: RunConfig, label: str, engine: EngineOptions, step: str) -> Path:
     """One federation, unless its metrics.json says it finished."""
+    from simulations.simulate import simulate  # the engine, torch and Flower: not for the CLI's parser
+
     run_dir = Path(config.run_dir)
     metrics = run_dir / "metrics.json"
     if metrics.exists() and read_json(metrics).get("status") in FINISHED:
@@ -175,6 +175,9 @@ def run_point(
 
 
 def compare_privacy_command(args: argparse.Namespace) -> int:
+    from simulations.privacy_report import write_privacy_report
+    from simulations.simulate import new_run_dir
+
     base = load_run_config(args.config, list(args.set or []), preset=FEDERATIONS[args.federation])
     points = parse_grid(args.settings, args.noise_multipliers, base.noise_multiplier)
     name = f"privacy-{base.task or args.federation}"  # a data path's task is known once it is read

@@ -16,7 +16,8 @@ from common.io import atomic_write_json, read_json
 from common.loaders import load_run_dataset, num_partitions
 from common.precision import Precision, compute_precision
 from simulations.engine import run_federation
-from simulations.placement import DEFAULT_ENGINE, EngineOptions, place_clients
+from simulations.engine_options import DEFAULT_ENGINE, EngineOptions
+from simulations.placement import place_clients
 from simulations.report import write_report, write_seeds_report
 
 ALL = "all"

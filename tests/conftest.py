@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from common.model import DEFAULT_MODEL, load_tokenizer
+from simulations.engine_options import EngineOptions
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +128,14 @@ def flower_identity():
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+@pytest.fixture(scope="session")
+def one_actor() -> EngineOptions:
+    """Simulated clients that take turns in one Ray actor: every actor process imports torch,
+    transformers and peft (about 7 s of a core), and the tiny model gains nothing from a second one.
+    The fault tests keep one actor per core: their timeouts assume clients answer side by side."""
+    return EngineOptions(cpus_per_client=os.cpu_count() or 1)
 
 
 @pytest.fixture(scope="session")

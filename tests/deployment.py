@@ -32,6 +32,7 @@ from server.certs import CertDir, ensure_certs
 CONNECTION = "fedoppu-test"
 USERS_PER_NODE = 2
 MARKER = "FEDOPPU_DEPLOY_TEST"
+ONLINE_POLL = 5.0  # seconds between `Federation.online()` calls: each runs Flower's CLI (~1.2 s of a core)
 
 
 def free_port() -> int:
@@ -214,7 +215,7 @@ def deployment(
         "model": f'"{model_dir}"',
         "run-dir": f'"{root / "run"}"',
         "task": "tagging",
-        "num-rounds": 2,
+        "num-rounds": 1,  # each round starts a ClientApp process per node (torch's imports: ~7 s of a core)
         "local-steps": 2,
         "batch-size": 4,
         "personal-epochs": 0.5,

@@ -1,7 +1,7 @@
 """Deployment: certificates, the wrapped Flower commands, and a real federation on 127.0.0.1.
 
 The federation test starts a SuperLink and two SuperNodes through `fedoppu` with TLS and SuperNode
-authentication (tests/deployment.py), runs 2 rounds and personalization with the tiny model, restarts
+authentication (tests/deployment.py), runs a round and personalization with the tiny model, restarts
 the nodes, runs again and checks what each node kept on its own disk and what reached the server
 (pseudonyms only); a node with an unregistered key, a node that trusts another CA and an `--insecure`
 node are refused. Every ClientApp is launched by the nodes' own SuperExec, which runs only the app
@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-from deployment import deployment, wait_for
+from deployment import ONLINE_POLL, deployment, wait_for
 
 from client.commands import supernode_command
 from client.store import STATE_DIR
@@ -188,7 +188,9 @@ def federation(tmp_path_factory, tiny_model_dir):
             fed.start_node("wrong-ca", fed.data[0], *wrong_ca),
             fed.start_node("insecure", fed.data[0], "--insecure"),
         ]
-        wait_for(lambda: fed.online().count("online") == 2, 180, "both nodes online", *fed.nodes, every=2)
+        wait_for(
+            lambda: fed.online().count("online") == 2, 180, "both nodes online", *fed.nodes, every=ONLINE_POLL
+        )
         fed.first_run = fed.procs.run("run-1", *fed.run_args, timeout=420)
         yield fed
 
@@ -231,7 +233,7 @@ def test_run_keeps_each_users_personal_adapter_on_their_node(federation):
     results = (federation.run_dir / "metrics.json").read_text()
     assert not any(user in results for user in all_users)
     assert metrics["personalize"]["oppu"]["users-trained"] == len(all_users)
-    assert [r["round"] for r in metrics["rounds"] if "train" in r] == [1, 2]
+    assert [r["round"] for r in metrics["rounds"] if "train" in r] == [1]
     assert all(r["train"]["clients"] == 2 for r in metrics["rounds"] if "train" in r)
     digests = set()
     for index, node_users in enumerate(federation.users):
@@ -243,7 +245,7 @@ def test_run_keeps_each_users_personal_adapter_on_their_node(federation):
             assert (adapter / "adapter_config.json").is_file()
             assert file_sha256(adapter / "adapter_model.safetensors") == entry["sha256"]
             assert entry["data_fingerprint"] == history_fingerprint(user.history)
-            assert entry["shared_version"] == 2 and entry["created"] > 0
+            assert entry["shared_version"] == 1 and entry["created"] > 0
             digests.add(entry["shared_digest"])
     assert len(digests) == 1  # every user built on the same federated base adapter
     # Nothing personal on the server: only shared-adapter checkpoints and metrics.
@@ -254,7 +256,7 @@ def test_restarted_nodes_reuse_their_adapters_and_retrain_a_corrupt_one(federati
     assert federation.first_run == 0
     for node in federation.nodes:
         federation.procs.stop(node)
-    wait_for(lambda: "online" not in federation.online(), 60, "both nodes offline", every=2)
+    wait_for(lambda: "online" not in federation.online(), 60, "both nodes offline", every=ONLINE_POLL)
     before = [federation.manifest(i) for i in range(2)]
     corrupt_key = f"oppu/{federation.users[1][0].user_id}"
     weights = federation.data[1] / STATE_DIR / before[1][corrupt_key]["path"] / "adapter_model.safetensors"
@@ -262,7 +264,11 @@ def test_restarted_nodes_reuse_their_adapters_and_retrain_a_corrupt_one(federati
 
     federation.start_nodes()
     wait_for(
-        lambda: federation.online().count("online") == 2, 120, "both nodes online", *federation.nodes, every=2
+        lambda: federation.online().count("online") == 2,
+        120,
+        "both nodes online",
+        *federation.nodes,
+        every=ONLINE_POLL,
     )
     assert federation.procs.run("run-2", *federation.run_args, "--set", "resume=true", timeout=300) == 0, (
         federation.procs.log("run-2")[-3000:]

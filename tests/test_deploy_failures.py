@@ -6,7 +6,7 @@ time is the SuperLink noticing a dead node by its missing heartbeats)."""
 from __future__ import annotations
 
 import pytest
-from deployment import deployment, kill, pseudonyms, wait_for
+from deployment import ONLINE_POLL, deployment, kill, pseudonyms, wait_for
 
 from client.store import STATE_DIR
 from common.io import file_sha256, read_json
@@ -68,7 +68,7 @@ def test_a_node_killed_while_training_is_dropped_and_its_users_come_back_on_resu
     assert "round-0001" in checkpoints
 
     federation.nodes[1] = federation.start_node("node-2", federation.data[1])
-    wait_for(lambda: federation.online().count("online") == 2, 120, "node-2 back online", every=2)
+    wait_for(lambda: federation.online().count("online") == 2, 120, "node-2 back online", every=ONLINE_POLL)
     assert procs.run("run-2", *args, "--set", "resume=true", timeout=420) == 0, procs.log("run-2")[-3000:]
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["status"] == "complete" and metrics["rounds"][-1] == {

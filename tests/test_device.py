@@ -16,7 +16,8 @@ from common.config import ConfigError, load_run_config
 from common.device import GPU_MEMORY_FRACTION_ENV, bound_gpu_memory, resolve_device
 from common.precision import Precision
 from simulations import placement
-from simulations.placement import EngineOptions, client_gpu_bytes, place_clients, ray_backend_config
+from simulations.engine_options import EngineOptions
+from simulations.placement import client_gpu_bytes, place_clients, ray_backend_config
 from tests.conftest import tiny_llama
 
 # The same tests run on the GPU where torch sees one.

@@ -32,11 +32,11 @@ OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def dp_run(tiny_run, tmp_path_factory):
+def dp_run(tiny_run, one_actor, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dp") / "run"
     overrides = {**tiny_run, **OVERRIDES, "run-dir": f'"{run_dir}"'}
     config = load_run_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
-    simulate(config, centralized=False)
+    simulate(config, centralized=False, engine=one_actor)
     return config, run_dir
 
 

@@ -31,7 +31,7 @@ from common.adapters import AdapterSpec
 from common.config import load_run_config
 from common.io import StorageError, atomic_write_json, read_json
 from server.checkpoints import CheckpointStore
-from simulations.placement import EngineOptions
+from simulations.engine_options import EngineOptions
 from simulations.report import failure_lines, summary_rows
 from simulations.simulate import resume, simulate
 from tests import faults

@@ -10,7 +10,8 @@ from common.adapters import AdapterSpec
 from common.config import load_run_config
 from common.device import GPU_MEMORY_FRACTION_ENV, bound_gpu_memory, resolve_device
 from common.precision import compute_precision
-from simulations.placement import EngineOptions, client_gpu_bytes, place_clients, ray_backend_config
+from simulations.engine_options import EngineOptions
+from simulations.placement import client_gpu_bytes, place_clients, ray_backend_config
 from tests.conftest import tiny_llama
 from tests.test_training import mixed_and_per_user_answers
 

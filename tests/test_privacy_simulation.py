@@ -30,11 +30,11 @@ OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def comparison(tiny_run, tmp_path_factory):
+def comparison(tiny_run, one_actor, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("privacy") / "compare"
     overrides = {**tiny_run, **OVERRIDES}
     argv = ["compare-privacy", "--federation", "run-config", "--settings", ",".join(SETTINGS)]
-    argv += ["--run-dir", str(run_dir)]
+    argv += ["--run-dir", str(run_dir), "--cpus-per-client", str(one_actor.cpus_per_client)]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
     assert main(argv) == 0
@@ -78,7 +78,7 @@ def test_a_rerun_keeps_every_finished_federation(comparison, tiny_run, monkeypat
     def rerun(*args, **kwargs):
         raise AssertionError("a finished federation ran again")
 
-    monkeypatch.setattr("simulations.privacy_commands.simulate", rerun)
+    monkeypatch.setattr("simulations.simulate.simulate", rerun)
     argv = ["compare-privacy", "--federation", "run-config", "--settings", ",".join(SETTINGS)]
     argv += ["--run-dir", str(comparison)]
     for key, value in {**tiny_run, **OVERRIDES}.items():

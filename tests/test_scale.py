@@ -17,7 +17,9 @@ USERS = 40
 SAMPLED = 4  # clients-per-round: 4 of 40 clients
 
 
-def test_a_round_samples_a_few_of_many_clients_and_every_user_is_personalized_and_scored(tiny_run, tmp_path):
+def test_a_round_samples_a_few_of_many_clients_and_every_user_is_personalized_and_scored(
+    tiny_run, one_actor, tmp_path
+):
     overrides = {
         **tiny_run,
         "benchmark-users": USERS,
@@ -29,7 +31,8 @@ def test_a_round_samples_a_few_of_many_clients_and_every_user_is_personalized_an
         "methods": '"shared,oppu"',
         "run-dir": f'"{tmp_path / "run"}"',
     }
-    simulate(load_run_config(overrides=[f"{k}={v}" for k, v in overrides.items()]), centralized=False)
+    config = load_run_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+    simulate(config, centralized=False, engine=one_actor)
     metrics = read_json(tmp_path / "run" / "metrics.json")
     assert metrics["status"] == "complete"
     trained = [r for r in metrics["rounds"] if "train" in r]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,6 @@ from common.config import load_run_config
 from common.io import read_json
 from simulations.cli import main
 from simulations.engine import FederationFailed
-from simulations.placement import EngineOptions
 from simulations.simulate import resume, simulate
 from tests import faults
 
@@ -39,12 +39,12 @@ def _config(tiny_run, run_dir, **extra):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_run, tmp_path_factory):
+def finished_run(tiny_run, one_actor, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sim") / "run"
     audit = tmp_path_factory.mktemp("audit")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDOPPU_AUDIT_LOG", str(audit))
-        simulate(_config(tiny_run, run_dir), centralized=True)
+        simulate(_config(tiny_run, run_dir), centralized=True, engine=one_actor)
     return run_dir, audit
 
 
@@ -118,15 +118,19 @@ def _train_replies(audit: Path) -> int:
     return sum(json.loads(line)["message_type"] == "train" for line in lines)
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path, monkeypatch):
+def test_resume_continues_from_the_last_checkpoint_and_gives_the_uninterrupted_runs_numbers(
+    tiny_run, one_actor, finished_run, tmp_path, monkeypatch
+):
     """The server is killed (SIGKILL) when round 2's updates arrive; resume trains round 2 and nothing
-    before it: round 1's checkpoint file, its record and its training stay as they were."""
+    before it: round 1's checkpoint file, its record and its training stay as they were. Same seed,
+    same numbers: its training and personalization equal those of the run that was not interrupted."""
     run_dir, audit = tmp_path / "run", tmp_path / "audit"
     monkeypatch.setenv("FEDOPPU_AUDIT_LOG", str(audit))
     monkeypatch.setenv(faults.KILL_AT_ROUND, "2")
-    killing = EngineOptions(server_app="tests.faults:killed_server")
+    killing = replace(one_actor, server_app="tests.faults:killed_server")
+    config = _config(tiny_run, run_dir, methods='"shared,oppu"')
     with pytest.raises(FederationFailed, match="exit code -9"):
-        simulate(_config(tiny_run, run_dir, methods='"shared"'), centralized=False, engine=killing)
+        simulate(config, centralized=False, engine=killing)
     killed = read_json(run_dir / "metrics.json")
     assert killed["status"] == "running" and [r["round"] for r in killed["rounds"]] == [0, 1]
     checkpoints = run_dir / "checkpoints"
@@ -136,7 +140,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path, monkeypat
     trained = _train_replies(audit)
     assert trained == 2 * USERS  # rounds 1 and 2 trained; round 2 was lost with the server
 
-    resume(run_dir)
+    resume(run_dir, engine=one_actor)
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["status"] == "complete"
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
@@ -145,6 +149,13 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, tmp_path, monkeypat
     assert _train_replies(audit) - trained == USERS  # one round of training: round 2
     assert (checkpoints / "round-0002").exists()
     assert read_json(checkpoints / "latest.json")["round"] == 2
+
+    uninterrupted = read_json(finished_run[0] / "metrics.json")
+    for a, b in zip(uninterrupted["rounds"][1:], metrics["rounds"][1:], strict=True):
+        assert a["train"]["train-loss"] == b["train"]["train-loss"]
+    oppu = metrics["personalize"]["oppu"]
+    assert uninterrupted["personalize"]["oppu"]["personal-loss"] == oppu["personal-loss"]
+    assert uninterrupted["methods"]["oppu"]["users"] == metrics["methods"]["oppu"]["users"]
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -156,12 +167,13 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_run, tmp_path):
+def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_run, one_actor, tmp_path):
     """Ctrl-C in the terminal (SIGINT to the foreground process group) during round 2 or later."""
     run_dir = tmp_path / "run"
     marker = f"FEDOPPU_INTERRUPT_TEST={uuid.uuid4().hex}"
     overrides = {**tiny_run, "num-rounds": 50, "eval-every-round": "false", "methods": '"shared"'}
     command = [sys.executable, "-m", "simulations.cli", "simulate", "--run-dir", str(run_dir)]
+    command += ["--cpus-per-client", str(one_actor.cpus_per_client)]
     command += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     process = subprocess.Popen(
@@ -200,7 +212,7 @@ def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_
     recorded = read_json(run_dir / "config.json")
     recorded["run_config"]["num-rounds"] = done + 1  # the rest of the run, shortened for the test
     (run_dir / "config.json").write_text(json.dumps(recorded))
-    resume(run_dir)
+    resume(run_dir, engine=one_actor)
     metrics = read_json(run_dir / "metrics.json")
     assert [r["round"] for r in metrics["rounds"]] == list(range(done + 2))
     assert (run_dir / "checkpoints" / f"round-{done + 1:04d}").exists()
@@ -212,25 +224,13 @@ def test_an_interrupted_comparison_says_how_to_continue(tiny_run, tmp_path, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("simulations.privacy_commands.simulate", interrupted)
+    monkeypatch.setattr("simulations.simulate.simulate", interrupted)
     argv = ["compare-privacy", "--federation", "run-config", "--settings", "none", "--set", "num-rounds=1"]
     argv += ["--results-dir", str(tmp_path)]
     assert main(argv) == 130
     said = "".join(capsys.readouterr().err.split())
     rerun = f"continue with: fedoppu {shlex.join([*argv, '--run-dir'])} {tmp_path}/"  # + a new run dir
     assert "".join(rerun.split()) in said and "Traceback" not in said
-
-
-def test_the_same_seed_gives_the_same_numbers(tiny_run, finished_run, tmp_path):
-    first_dir, _ = finished_run
-    again = tmp_path / "again"
-    simulate(_config(tiny_run, again, methods='"shared,oppu"'), centralized=False)
-    first, second = read_json(first_dir / "metrics.json"), read_json(again / "metrics.json")
-    assert [r["train"] for r in first["rounds"][1:]] != []
-    for a, b in zip(first["rounds"][1:], second["rounds"][1:], strict=True):
-        assert a["train"]["train-loss"] == b["train"]["train-loss"]
-    assert first["personalize"]["oppu"]["personal-loss"] == second["personalize"]["oppu"]["personal-loss"]
-    assert first["methods"]["oppu"]["users"] == second["methods"]["oppu"]["users"]
 
 
 def test_the_report_gives_intervals_and_oppus_paired_differences(finished_run):
@@ -250,11 +250,12 @@ def test_the_report_gives_intervals_and_oppus_paired_differences(finished_run):
     assert {"accuracy", "accuracy_lo", "accuracy_hi"} <= set(row)
 
 
-def test_seeds_repeat_the_run_and_report_the_spread(tiny_run, tmp_path):
+def test_seeds_repeat_the_run_and_report_the_spread(tiny_run, one_actor, tmp_path):
     from simulations.cli import main
 
     overrides = {**tiny_run, "num-rounds": 1, "local-steps": 1, "methods": '"zero-shot,shared"'}
     argv = ["simulate", "--seeds", "2", "--run-dir", str(tmp_path)]
+    argv += ["--cpus-per-client", str(one_actor.cpus_per_client)]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
     assert main(argv) == 0
