@@ -26,7 +26,8 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.cli.build import build_fab_from_disk
+from flwr.cli.build import build_fab_from_files
+from flwr.cli.utils import build_pathspec, load_gitignore_patterns
 from flwr.supercore.superexec import run_superexec as flower_superexec
 from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
@@ -41,7 +42,27 @@ def app_hash(project_dir: Path = PROJECT_DIR) -> str:
     """The sha256 of the FAB `flwr run` builds from this checkout (what `fedoppu run` submits)."""
     with warnings.catch_warnings():  # pathspec's deprecation notices, inside Flower's build
         warnings.simplefilter("ignore", DeprecationWarning)
-        return hashlib.sha256(build_fab_from_disk(project_dir)).hexdigest()
+        fab, _ = build_fab_from_files(checkout_files(project_dir.resolve()))
+    return hashlib.sha256(fab).hexdigest()
+
+
+def checkout_files(root: Path) -> dict[str, Path]:
+    """What Flower's `collect_files` returns for a FAB's build, without entering the directories the
+    checkout's .gitignore excludes: the build drops their files anyway, and its own walk visits every
+    file of a .venv inside the project (3.4 s of a core per node start, against milliseconds)."""
+    gitignore = root / ".gitignore"
+    ignored = build_pathspec(load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b""))
+    files: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        dirnames[:] = [
+            d for d in dirnames if not ignored.match_file((here / d).relative_to(root).as_posix() + "/")
+        ]
+        for name in filenames:
+            path = here / name
+            if not path.is_symlink() and path.resolve().is_relative_to(root):  # as collect_files
+                files[path.relative_to(root).as_posix()] = path
+    return files
 
 
 def trusted_apps(policy: NodePolicy) -> list[str]:

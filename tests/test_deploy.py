@@ -143,10 +143,14 @@ def test_the_node_launches_only_the_app_packages_it_trusts():
 def test_the_trusted_hash_is_the_code_the_checkout_ships(tmp_path):
     """`fedoppu run` ships (and a node trusts) only the apps' code: files beside it, results or docs,
     leave the hash alone; a changed line of code changes it."""
+    import hashlib
     import shutil
+
+    from flwr.cli.build import build_fab_from_disk
 
     from common.config import PROJECT_DIR
 
+    assert app_hash() == hashlib.sha256(build_fab_from_disk(PROJECT_DIR)).hexdigest()  # Flower's own walk
     copy = tmp_path / "checkout"
     for part in ("client", "common", "server"):
         shutil.copytree(PROJECT_DIR / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
