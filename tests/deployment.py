@@ -150,7 +150,6 @@ class Federation:
     nodes: list[subprocess.Popen] = dataclasses.field(default_factory=list)
     intruder: subprocess.Popen | None = None
     untrusting: list[subprocess.Popen] = dataclasses.field(default_factory=list)
-    first_run: int | None = None
 
     @property
     def run_dir(self) -> Path:

@@ -1,22 +1,26 @@
 """Deployment: certificates, the wrapped Flower commands, and a real federation on 127.0.0.1.
 
-The federation test starts a SuperLink and two SuperNodes through `fedoppu` with TLS and SuperNode
-authentication (tests/deployment.py), runs a round and personalization with the tiny model, restarts
-the nodes, runs again and checks what each node kept on its own disk and what reached the server
-(pseudonyms only); a node with an unregistered key, a node that trusts another CA and an `--insecure`
-node are refused. Every ClientApp is launched by the nodes' own SuperExec, which runs only the app
-package their checkout builds. Failures on purpose are in tests/test_deploy_failures.py.
+The federation (tests/deployment.py) is a SuperLink and two SuperNodes started through `fedoppu` with
+TLS and SuperNode authentication, the tiny model and two users per node. One deployment carries the
+whole story, since each message costs a ClientApp process (torch's imports) and a dead node costs the
+SuperLink a minute of missing heartbeats: a run that waits for its nodes; node-2 killed while it trains;
+a node with an unregistered key, one that trusts another CA and an `--insecure` one refused; both nodes
+restarted, one stored adapter truncated; the resumed run trains only what is missing. It checks what
+each node kept on its own disk and what reached the server (pseudonyms only). Every ClientApp is
+launched by the nodes' own SuperExec, which runs only the app package their checkout builds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-from deployment import ONLINE_POLL, deployment, wait_for
+from deployment import ONLINE_POLL, Federation, deployment, kill, pseudonyms, wait_for
 
 from client.commands import supernode_command
 from client.store import STATE_DIR
@@ -171,126 +175,167 @@ def test_run_rejects_an_unknown_key_before_submitting(capsys):
 
 
 # -- a real federation -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Story:
+    """What the two runs of the deployment left, read between them."""
+
+    fed: Federation
+    first_run: int
+    first_metrics: dict
+    checkpoints: dict[str, bytes]  # round -> the shared adapter's bytes after the first run
+    manifests: list[dict]  # each node's personal adapters after the first run
+    corrupt_key: str  # the adapter truncated before the second run (node-1's)
+    second_run: int
+
+
+def _checkpoints(run_dir: Path) -> dict[str, bytes]:
+    return {
+        p.parent.name: p.read_bytes() for p in run_dir.glob("checkpoints/round-*/adapter_model.safetensors")
+    }
+
+
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory, tiny_model_dir):
+def story(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("deploy")
     # wrong-ca's key is registered: TLS alone must keep it out.
     with deployment(
         root, tiny_model_dir, certified=("intruder", "wrong-ca"), registered=("wrong-ca",)
     ) as fed:
+        settings = {
+            # Round 0's evaluation is each node's first reply: it names the node's users, so the server
+            # can report by name the users of a node that dies afterwards (a node that never answered
+            # is only a node id: its users' pseudonyms are its own).
+            "eval-every-round": "true",
+            "min-nodes": 2,
+            "min-nodes-timeout": 300,
+            # Generous: the SuperLink reports the dead node unavailable once its heartbeats stop (~1 min).
+            "train-timeout": 300,
+            "personalize-timeout": 300,
+            "evaluate-timeout": 300,
+            "train-retries": 0,
+        }
+        args = [*fed.run_args, *(a for k, v in settings.items() for a in ("--set", f"{k}={v}"))]
+        run = fed.procs.start("run-1", *args)
+        wait_for(
+            lambda: "waiting for nodes: 0 of 2 connected" in fed.procs.log("run-1"),
+            120,
+            "the run to wait",
+            run,
+        )
+        fed.start_nodes()
         other_ca = CertDir(root / "other-certs")  # a CA the SuperLink's certificate does not come from
         ensure_certs(other_ca.root, [], [])
-        fed.start_nodes()
-        fed.intruder = fed.start_node("intruder", fed.data[0])
         wrong_ca = (
             "--root-certificates",
             str(other_ca.ca_cert),
             "--key",
             str(fed.certs.node_key("wrong-ca")),
         )
+        fed.intruder = fed.start_node("intruder", fed.data[0])
         fed.untrusting = [
             fed.start_node("wrong-ca", fed.data[0], *wrong_ca),
             fed.start_node("insecure", fed.data[0], "--insecure"),
         ]
+        wait_for(lambda: "Receiving: train message" in fed.procs.log("node-2"), 240, "node-2 to train", run)
+        kill(fed.nodes[1])
+        first_run = run.wait(600)
+        first_metrics = read_json(fed.run_dir / "metrics.json")
+        checkpoints, manifests = _checkpoints(fed.run_dir), [fed.manifest(0), {}]
+
+        fed.procs.stop(fed.nodes[0])
+        wait_for(lambda: "online" not in fed.online(), 120, "both nodes offline", every=ONLINE_POLL)
+        corrupt_key = next(iter(manifests[0]))
+        weights = fed.data[0] / STATE_DIR / manifests[0][corrupt_key]["path"] / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-16])
+        fed.start_nodes()
         wait_for(
-            lambda: fed.online().count("online") == 2, 180, "both nodes online", *fed.nodes, every=ONLINE_POLL
+            lambda: fed.online().count("online") == 2, 120, "both nodes online", *fed.nodes, every=ONLINE_POLL
         )
-        fed.first_run = fed.procs.run("run-1", *fed.run_args, timeout=420)
-        yield fed
+        second_run = fed.procs.run("run-2", *args, "--set", "resume=true", timeout=420)
+        yield Story(fed, first_run, first_metrics, checkpoints, manifests, corrupt_key, second_run)
 
 
-def test_a_node_with_an_unregistered_key_is_refused(federation):
-    federation.intruder.wait(60)
-    assert federation.intruder.returncode != 0
-    assert "Failed to activate SuperNode" in federation.procs.log("intruder")
-    assert federation.online().count("online") == 2  # the registered TLS nodes never got in
+def test_a_node_with_an_unregistered_key_is_refused(story):
+    story.fed.intruder.wait(60)
+    assert story.fed.intruder.returncode != 0
+    assert "Failed to activate SuperNode" in story.fed.procs.log("intruder")
+    assert story.first_metrics["rounds"][-1]["train"]["sampled"] == 2  # the registered TLS nodes alone
 
 
-def test_nodes_without_the_federations_tls_never_connect(federation):
+def test_nodes_without_the_federations_tls_never_connect(story):
     """A registered key is not enough: a node that does not trust the server's CA (it could be talking
     to anyone) stops at the handshake; a node without TLS (its traffic could be read) never gets a
     message across the whole run."""
-    assert federation.first_run == 0
-    wrong_ca, insecure = federation.untrusting
+    wrong_ca, insecure = story.fed.untrusting
     assert wrong_ca.wait(60) != 0  # Flower says "Exit Code: 305" and exits
-    log = federation.procs.log("wrong-ca")
+    log = story.fed.procs.log("wrong-ca")
     assert "CERTIFICATE_VERIFY_FAILED" in log and "SuperNode ID" not in log
     assert insecure.poll() is None or insecure.returncode != 0
-    log = federation.procs.log("insecure")  # plaintext against TLS: it retries, and never gets an id
+    log = story.fed.procs.log("insecure")  # plaintext against TLS: it retries, and never gets an id
     assert "Starting insecure channel" in log and "Connection attempt failed" in log
     assert "SuperNode ID" not in log and "Receiving:" not in log
-    assert "SuperNode ID" in federation.procs.log("node-1")  # what getting in looks like
+    assert "SuperNode ID" in story.fed.procs.log("node-1")  # what getting in looks like
 
 
-def test_run_keeps_each_users_personal_adapter_on_their_node(federation):
-    log = federation.procs.log("run-1")
-    assert federation.first_run == 0, log[-3000:]
-    assert "finished:completed" in log
-    metrics = read_json(federation.run_dir / "metrics.json")
-    all_users = {u.user_id for node in federation.users for u in node}
+def test_a_node_killed_while_training_is_dropped_and_its_users_are_named(story):
+    """The run waited for `min-nodes`; the round is aggregated from node-1, and personalization and
+    evaluation report node-2's users as missing by name."""
+    fed, metrics = story.fed, story.first_metrics
+    assert story.first_run == 0, fed.procs.log("run-1")[-3000:]
+    node_1, node_2 = (pseudonyms(fed, index, metrics["user_scope"]) for index in range(2))
     assert metrics["status"] == "complete"
-    # Users reach the server under pseudonyms only, without their history sizes (the default policy).
-    scored = set(metrics["methods"]["oppu"]["users"])
-    assert len(scored) == len(all_users) and all(uid.startswith("p-") for uid in scored)
-    assert scored == set(metrics["methods"]["shared"]["users"])  # one name per user across the run
+    trained = metrics["rounds"][-1]
+    assert trained["round"] == 1 and (trained["train"]["sampled"], trained["train"]["clients"]) == (2, 1)
+    [dropped] = trained["dropped"]
+    assert dropped["reason"] == "no reply within 60 s (train-timeout)" or dropped["reason"].startswith(
+        "error:"
+    )
+    for method in ("shared", "oppu"):
+        assert sorted(metrics["methods"][method]["users"]) == node_1, method
+        assert metrics["methods"][method]["missing"]["users"] == node_2, method
+    personalize = metrics["personalize"]["oppu"]
+    assert personalize["missing"]["users"] == node_2 and personalize["users-trained"] == 2
+    assert "round-0001" in story.checkpoints
+
+
+def test_the_resumed_run_trains_only_what_is_missing_and_nothing_personal_leaves_a_node(story):
+    """Both nodes restarted, one of node-1's adapters truncated: the resumed run trains no round again,
+    personalizes node-2's users and retrains the corrupt adapter, and reuses the other one as it is.
+    Users reach the server under pseudonyms only, without their history sizes (the default policy)."""
+    fed = story.fed
+    assert story.second_run == 0, fed.procs.log("run-2")[-3000:]
+    metrics = read_json(fed.run_dir / "metrics.json")
+    node_1, node_2 = (pseudonyms(fed, index, metrics["user_scope"]) for index in range(2))
+    trained = story.first_metrics["rounds"][-1]
+    assert metrics["status"] == "complete"
+    assert metrics["rounds"][-1] == {**trained, "dropped": metrics["rounds"][-1]["dropped"]}
+    assert metrics["rounds"][-1]["dropped"][0]["users"] == node_2  # named once node-2 answered again
+    assert _checkpoints(fed.run_dir) == story.checkpoints  # no round trained again
+    for method in ("shared", "oppu"):
+        assert sorted(metrics["methods"][method]["users"]) == sorted(node_1 + node_2), method
+        assert metrics["methods"][method]["missing"] == {"users": [], "nodes": []}, method
+    personalize = metrics["personalize"]["oppu"]
+    assert (personalize["users-reused"], personalize["users-trained"]) == (1, 3)
     assert metrics["history"] == {}
-    results = (federation.run_dir / "metrics.json").read_text()
-    assert not any(user in results for user in all_users)
-    assert metrics["personalize"]["oppu"]["users-trained"] == len(all_users)
-    assert [r["round"] for r in metrics["rounds"] if "train" in r] == [1]
-    assert all(r["train"]["clients"] == 2 for r in metrics["rounds"] if "train" in r)
+    results = (fed.run_dir / "metrics.json").read_text()
+    assert not any(user.user_id in results for node in fed.users for user in node)
+    assert not list(fed.run_dir.rglob("manifest.json"))  # only shared-adapter checkpoints and metrics
+
     digests = set()
-    for index, node_users in enumerate(federation.users):
-        manifest = federation.manifest(index)
+    for index, node_users in enumerate(fed.users):
+        manifest = fed.manifest(index)
         assert set(manifest) == {f"oppu/{u.user_id}" for u in node_users}
         for user in node_users:
             entry = manifest[f"oppu/{user.user_id}"]
-            adapter = federation.data[index] / STATE_DIR / entry["path"]
-            assert (adapter / "adapter_config.json").is_file()
+            adapter = fed.data[index] / STATE_DIR / entry["path"]
             assert file_sha256(adapter / "adapter_model.safetensors") == entry["sha256"]
             assert entry["data_fingerprint"] == history_fingerprint(user.history)
             assert entry["shared_version"] == 1 and entry["created"] > 0
             digests.add(entry["shared_digest"])
+            before = story.manifests[index].get(f"oppu/{user.user_id}")
+            if f"oppu/{user.user_id}" == story.corrupt_key:  # a new version replaced the corrupt one
+                assert entry["created"] > before["created"] and entry["path"] != before["path"]
+                assert not (fed.data[index] / STATE_DIR / before["path"]).exists()
+            elif before is not None:
+                assert entry == before  # reused as is: same file, same record
     assert len(digests) == 1  # every user built on the same federated base adapter
-    # Nothing personal on the server: only shared-adapter checkpoints and metrics.
-    assert not list(federation.run_dir.rglob("manifest.json"))
-
-
-def test_restarted_nodes_reuse_their_adapters_and_retrain_a_corrupt_one(federation):
-    assert federation.first_run == 0
-    for node in federation.nodes:
-        federation.procs.stop(node)
-    wait_for(lambda: "online" not in federation.online(), 60, "both nodes offline", every=ONLINE_POLL)
-    before = [federation.manifest(i) for i in range(2)]
-    corrupt_key = f"oppu/{federation.users[1][0].user_id}"
-    weights = federation.data[1] / STATE_DIR / before[1][corrupt_key]["path"] / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-16])
-
-    federation.start_nodes()
-    wait_for(
-        lambda: federation.online().count("online") == 2,
-        120,
-        "both nodes online",
-        *federation.nodes,
-        every=ONLINE_POLL,
-    )
-    assert federation.procs.run("run-2", *federation.run_args, "--set", "resume=true", timeout=300) == 0, (
-        federation.procs.log("run-2")[-3000:]
-    )
-
-    summary = read_json(federation.run_dir / "metrics.json")["personalize"]["oppu"]
-    assert (summary["users-reused"], summary["users-trained"]) == (3, 1)
-    after = [federation.manifest(i) for i in range(2)]
-    for index in range(2):
-        for key, entry in before[index].items():
-            if key == corrupt_key:
-                retrained = after[index][key]
-                assert retrained["created"] > entry["created"]
-                new_weights = (
-                    federation.data[index] / STATE_DIR / retrained["path"] / "adapter_model.safetensors"
-                )
-                assert file_sha256(new_weights) == retrained["sha256"]
-                assert not weights.parent.exists()  # a new version replaced the corrupt one
-                assert retrained["shared_digest"] == entry["shared_digest"]
-            else:
-                assert after[index][key] == entry  # reused as is: same file, same record
