@@ -133,7 +133,7 @@ class Scores:
 
     def won_back(self, shared: Sampled, oppu: Sampled, nonprivate: dict[str, Sampled]) -> Estimate:
         """1 - OPPU's loss under DP / the shared adapter's: the part of what DP costs the shared
-        adapter that the personal adapters win back; undefined where DP costs the shared adapter nothing."""
+        adapter that the personal adapters win back; reported only where that cost is above zero at 95%."""
         cost_shared = _scaled(_minus(nonprivate["shared"], shared), self.sign)
         cost_oppu = _scaled(_minus(nonprivate["oppu"], oppu), self.sign)
         return ratio(_minus(cost_shared, cost_oppu), cost_shared, len(self.users))
@@ -215,9 +215,9 @@ def research_answer(reference: dict, runs: dict[str, dict], scores: Scores) -> l
             f"OPPU {nonprivate['oppu'][0]:.4f} ({gains['oppu'].text(4)})."
         )
         lines += [
-            f"Without DP the {name}'s gain over zero-shot, {gains[m].text(4)}, is not above zero at 95%: "
+            f"Without DP {name}'s gain over zero-shot, {gains[m].text(4)}, is not above zero at 95%: "
             "there is no gain to retain, so its share of the non-private gain is undefined."
-            for m, name in (("shared", "shared adapter"), ("oppu", "OPPU"))
+            for m, name in (("shared", "the shared adapter"), ("oppu", "OPPU"))
             if not gains[m].lo > 0
         ]
     answers = []
@@ -237,7 +237,7 @@ def research_answer(reference: dict, runs: dict[str, dict], scores: Scores) -> l
             if info["delta"]
             else f"{label} (no DP)"
         )
-        if cost.value > 0:
+        if cost.lo > 0:  # a cost the data cannot tell from zero has no share to win back (NaN: no interval)
             won = scores.won_back(shared, oppu, nonprivate)
             answer = f"the personal adapters win back {_percent(won)} of it"
             if label in private:
