@@ -40,6 +40,7 @@ from client.policy import (
     pseudonym,
     release_multiplier,
 )
+from client.prefill import PromptPrefills
 from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import AdapterRecord, GateDecision, PersonalAdapterStore
 from client.training import train_slot
@@ -72,6 +73,12 @@ def resident_model(model: str, dtype: str, spec: AdapterSpec, device: str) -> Re
 def hidden_states(resident: ResidentModel, limit_mb: int) -> HiddenStates | None:
     """The states below the adapters, kept for the life of the process; None with adapters on every layer."""
     return HiddenStates(resident, limit_mb * 2**20) if resident.spec.first_layer else None
+
+
+@functools.lru_cache(maxsize=1)
+def prompt_prefills(resident: ResidentModel, limit_mb: int) -> PromptPrefills | None:
+    """The query prompts' prefill below the adapters, kept for the life of the process (client/prefill.py)."""
+    return PromptPrefills(resident, limit_mb * 2**20) if resident.spec.first_layer else None
 
 
 # A simulation worker serves every partition, each round and phase in turn: the cache holds them all
@@ -340,6 +347,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         max_new_tokens=node.task.max_new_tokens,
         max_prompt_tokens=config.max_seq_len,
         autocast_bf16=compute_precision(config).bf16,
+        prefills=prompt_prefills(resident, config.hidden_cache_mb),
     )
     replies: dict[str, MetricRecord] = {}
     user_counts: list[dict[str, float]] = []

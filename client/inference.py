@@ -6,10 +6,12 @@ PEFT's mixed-adapter batching, about 2x faster than looping over users one adapt
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
+from client.prefill import PromptPrefills
 from client.resident import PERSONAL, ResidentModel
 from common.adapters import StateDict
 
@@ -24,8 +26,10 @@ def generate_answers(
     batch_size: int = 8,
     autocast_bf16: bool = False,
     adapter_names: Sequence[str] | None = None,
+    prefills: PromptPrefills | None = None,
 ) -> list[str]:
-    """Greedy decoding (deterministic, as evaluation must be); long prompts keep their newest tokens."""
+    """Greedy decoding (deterministic, as evaluation must be); long prompts keep their newest tokens.
+    With `prefills`, the frozen layers below the adapters prefill each prompt once (client/prefill.py)."""
     tokenizer = resident.tokenizer
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -39,7 +43,12 @@ def generate_answers(
             return_tensors="pt",
         ).to(resident.device)
         width = batch["input_ids"].shape[1]
-        with resident.autocast(autocast_bf16):
+        recorded = (
+            prefills.around_generate(resident, batch["input_ids"], batch["attention_mask"], autocast_bf16)
+            if prefills is not None
+            else contextlib.nullcontext()
+        )
+        with resident.autocast(autocast_bf16), recorded:
             output = resident.peft.generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -68,6 +77,7 @@ def answer_users(
     batch_size: int = 8,
     users_per_batch: int = 8,
     autocast_bf16: bool = False,
+    prefills: PromptPrefills | None = None,
 ) -> list[list[str]]:
     """Answers per user, with the shared slot (as loaded) plus each user's personal adapter if given
     (None: that user has none) and, with `shared_weights`, the shared adapter scaled per user.
@@ -81,6 +91,7 @@ def answer_users(
         "max_prompt_tokens": max_prompt_tokens,
         "batch_size": batch_size,
         "autocast_bf16": autocast_bf16,
+        "prefills": prefills,
     }
     if shared_weights is not None and personal_states is None:
         personal_states = [None] * len(prompts_per_user)
