@@ -83,8 +83,8 @@ def answer_users(
     (None: that user has none) and, with `shared_weights`, the shared adapter scaled per user.
 
     Without personal adapters or weights every row shares one adapter, so all users' queries batch
-    together; with them, up to `users_per_batch` users share a mixed batch (DoRA falls back to one
-    user at a time, and takes no weights).
+    together; with them, up to `users_per_batch` users share a mixed batch (DoRA and IA3 fall back to
+    one user at a time, and take no weights).
     """
     options = {
         "max_new_tokens": max_new_tokens,

@@ -2,7 +2,9 @@
 
 PEFT slows down as adapters accumulate (add_adapter/load_adapter grow from ~60 ms to ~700 ms after
 90 adapters), so users are swapped by copying weights into the same two slots instead of loading
-one adapter per user. Both slots are active together: output = base + shared delta + personal delta.
+one adapter per user. Both slots are active together: output = base + shared delta + personal delta
+(LoRA, DoRA); under IA3, whose vectors scale activations, PEFT multiplies the two slots' vectors
+(peft/tuners/ia3/layer.py, `Linear.forward`), so the base is scaled by shared times personal.
 
 The model and every slot live on one device (the run's `device`, common/device.py); adapters enter
 and leave as CPU tensors (the wire, the store and the seeded initialization are on the CPU), so what
@@ -115,7 +117,7 @@ class ResidentModel:
         return None
 
     def load(self, slot: str, state: Mapping[str, torch.Tensor] | None) -> None:
-        """Copy weights into a slot; None restores the identity adapter (zero delta)."""
+        """Copy weights into a slot; None restores the identity adapter (zero delta; IA3: all ones)."""
         source = self._identity[slot] if state is None else state
         problem = self.mismatch(slot, source)
         if problem is not None:
@@ -123,7 +125,7 @@ class ResidentModel:
         set_peft_model_state_dict(self.peft, {k: v.float() for k, v in source.items()}, adapter_name=slot)
 
     def fresh(self, slot: str, seed: int) -> StateDict:
-        """A new adapter as PEFT initializes one (A Kaiming-uniform, B zero), from a seed."""
+        """A new adapter as PEFT initializes one (A Kaiming-uniform, B zero; IA3 all ones), from a seed."""
         return fresh_adapter(self._identity[slot], seed)
 
     def answer_slots(
@@ -140,7 +142,9 @@ class ResidentModel:
         weight copy, like the training slots.
         """
         if self.spec.peft_type != "lora":
-            raise ValueError("mixed-adapter answering needs plain LoRA (DoRA adapters do not concatenate)")
+            raise ValueError(
+                f"mixed-adapter answering needs plain LoRA ({self.spec.peft_type} adapters do not concatenate)"
+            )
         shared = self.state(SHARED)
         weights = [1.0] * len(personal_states) if shared_weights is None else shared_weights
         names = []

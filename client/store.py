@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import PeftConfig
 
 from common.io import (
     DataError,
@@ -185,7 +185,7 @@ class PersonalAdapterStore:
         variant: str,
         user_id: str,
         state: dict[str, torch.Tensor],
-        peft_config: LoraConfig,
+        peft_config: PeftConfig,
         *,
         shared_digest: str,
         data_fingerprint: str,

@@ -1,7 +1,8 @@
 """The adapters' spec and how a new one is drawn: what the server and every client must agree on.
 
 The server creates the first shared adapter and every client creates its personal ones with the same
-spec and the same draw (PEFT's LoRA init from a seed), so both sides import this module.
+spec and the same draw (PEFT's LoRA init from a seed; IA3's is all ones), so both sides import this
+module.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import dataclasses
 import functools
 import hashlib
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from common.config import ALL_LAYERS, RunConfig
@@ -28,7 +31,8 @@ StateDict = dict[str, torch.Tensor]
 class AdapterSpec:
     """The PEFT settings both adapters use and the decoder layers they sit on (empty: every layer).
     The defaults here are OPPU's paper (LoRA r=8, alpha=8 on q_proj and v_proj of every layer); a
-    run's come from its config (`AdapterSpec.from_config`)."""
+    run's come from its config (`AdapterSpec.from_config`). `feedforward_modules` are IA3's targets
+    whose input is scaled rather than their output."""
 
     peft_type: str = "lora"
     r: int = 8
@@ -36,16 +40,19 @@ class AdapterSpec:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     layers: tuple[int, ...] = ()
+    feedforward_modules: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: RunConfig) -> AdapterSpec:
+        targets = tuple(config.target_module_list)
         return cls(
             config.peft_type,
             config.lora_r,
             config.lora_alpha,
             config.lora_dropout,
-            tuple(config.target_module_list),
+            targets,
             adapted_layers(config.model, config.adapter_layers),
+            ia3_feedforward(config.model, targets) if config.peft_type == "ia3" else (),
         )
 
     @property
@@ -53,7 +60,13 @@ class AdapterSpec:
         """The lowest adapted decoder layer: everything below it is the frozen base model."""
         return min(self.layers, default=0)
 
-    def peft_config(self) -> LoraConfig:
+    def peft_config(self) -> PeftConfig:
+        if self.peft_type == "ia3":
+            return IA3Config(
+                target_modules=self._ia3_targets(),
+                feedforward_modules=list(self.feedforward_modules),
+                task_type="CAUSAL_LM",
+            )
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -64,9 +77,26 @@ class AdapterSpec:
             task_type="CAUSAL_LM",
         )
 
+    def _ia3_targets(self) -> list[str] | str:
+        """IA3Config has no layers_to_transform: adapters on some layers are a pattern peft matches
+        against each module's full name (Llama-style `layers.N.`, as `adapter-layers` K requires)."""
+        if not self.layers:
+            return list(self.target_modules)
+        layers = "|".join(str(layer) for layer in self.layers)
+        names = "|".join(re.escape(name) for name in self.target_modules)
+        return rf"(.*\.)?layers\.({layers})\.(.*\.)?({names})"
+
     def answer_config(self) -> LoraConfig:
         """Shared and personal concatenated: rank 2r with alpha 2*alpha keeps the same alpha/r scale."""
         return dataclasses.replace(self, r=2 * self.r, alpha=2 * self.alpha).peft_config()
+
+
+def ia3_feedforward(model: str, target_modules: tuple[str, ...]) -> tuple[str, ...]:
+    """The targets whose input IA3 scales: those peft's IA3 lists as feedforward for the model's type
+    (the MLP's down projection, whose input is its inner activation, as in the IA3 paper); every other
+    target has its output scaled."""
+    listed = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_config(model).model_type, [])
+    return tuple(name for name in target_modules if name in listed)
 
 
 @functools.cache
@@ -91,8 +121,9 @@ def clone_state(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def fresh_adapter(identity: Mapping[str, torch.Tensor], seed: int) -> StateDict:
-    """`identity` (a zero-delta adapter) with its A matrices drawn as PEFT's LoRA layer draws them
-    (Kaiming-uniform, a = sqrt(5)), from a seed."""
+    """`identity` (an adapter that leaves the model unchanged) with its LoRA A matrices drawn as PEFT's
+    LoRA layer draws them (Kaiming-uniform, a = sqrt(5)), from a seed. An IA3 adapter has none: a new
+    one is the identity, all ones, as PEFT initializes it."""
     generator = torch.Generator().manual_seed(seed)
     state = clone_state(identity)
     for key, tensor in state.items():
@@ -101,16 +132,17 @@ def fresh_adapter(identity: Mapping[str, torch.Tensor], seed: int) -> StateDict:
     return state
 
 
-def fresh_lora_from_config(model: str, spec: AdapterSpec, seed: int) -> StateDict:
+def fresh_adapter_from_config(model: str, spec: AdapterSpec, seed: int) -> StateDict:
     """The same adapter as a client's resident model draws, with shapes taken from a weightless
     (meta-device) copy of the model: the server creates the first shared adapter without loading base
-    weights. LoRA only: a DoRA adapter's magnitudes are computed from the weights."""
-    if spec.peft_type != "lora":
+    weights. LoRA and IA3 only: a DoRA adapter's magnitudes are computed from the weights."""
+    if spec.peft_type == "dora":
         raise ValueError(f"a {spec.peft_type} adapter needs the base weights to initialize")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config(model))
     shapes = get_peft_model_state_dict(with_adapter(skeleton, spec))
-    return fresh_adapter({key: torch.zeros(tensor.shape) for key, tensor in shapes.items()}, seed)
+    blank = torch.ones if spec.peft_type == "ia3" else torch.zeros  # IA3 scales by its vectors
+    return fresh_adapter({key: blank(tensor.shape) for key, tensor in shapes.items()}, seed)
 
 
 FFA_FROZEN = "lora_A"  # FFA-LoRA (Sun et al., ICLR 2024): A stays at its seeded draw, only B trains
@@ -125,14 +157,14 @@ def on_the_wire(state: Mapping[str, torch.Tensor], ffa_lora: bool) -> StateDict:
 def frozen_lora_a(model: str, spec: AdapterSpec, seed: int) -> StateDict:
     """FFA-LoRA's frozen A of the shared adapter: the run's initial draw, which the server and every client
     derive from the run's seed (`initial_adapter` draws the same tensors bit for bit)."""
-    state = fresh_lora_from_config(model, spec, seed)
+    state = fresh_adapter_from_config(model, spec, seed)
     return {key: tensor for key, tensor in state.items() if FFA_FROZEN in key}
 
 
 def initial_adapter(model: str, dtype: str, spec: AdapterSpec, seed: int) -> StateDict:
-    """The first shared adapter: from the config alone for LoRA, from the base weights for DoRA."""
-    if spec.peft_type == "lora":
-        return fresh_lora_from_config(model, spec, seed)
+    """The first shared adapter: from the config alone for LoRA and IA3, from the base weights for DoRA."""
+    if spec.peft_type != "dora":
+        return fresh_adapter_from_config(model, spec, seed)
     base, _ = load_base_model(model, dtype)
     return fresh_adapter(get_peft_model_state_dict(with_adapter(base, spec)), seed)
 

@@ -23,7 +23,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg")
 PROFILE_MODES = ("summary", "generated")
-PEFT_TYPES = ("lora", "dora")
+PEFT_TYPES = ("lora", "dora", "ia3")
 WIRE_DTYPES = ("fp32", "fp16")
 DP_CLIPPING = (
     "adaptive",

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import PeftConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -19,7 +19,7 @@ from common.io import StorageError, atomic_directory, file_sha256
 WEIGHTS = "adapter_model.safetensors"
 
 
-def write_adapter(target: str | Path, state: Mapping[str, torch.Tensor], peft_config: LoraConfig) -> str:
+def write_adapter(target: str | Path, state: Mapping[str, torch.Tensor], peft_config: PeftConfig) -> str:
     """Write an adapter directory atomically; returns the weights' sha256 for the caller's manifest."""
     with atomic_directory(target) as tmp:
         try:  # safetensors reports a full disk as its own error, naming only its temporary file

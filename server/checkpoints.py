@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import PeftConfig
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
@@ -25,7 +25,7 @@ class CheckpointStore:
         self,
         server_round: int,
         state: dict[str, torch.Tensor],
-        peft_config: LoraConfig,
+        peft_config: PeftConfig,
         carried: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         target = self.root / f"round-{server_round:04d}"

@@ -25,11 +25,15 @@ def tokenizer():
 
 
 def random_adapter(resident, slot: str, seed: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A fresh adapter with random B (a fresh one is the identity): answers then differ per adapter."""
+    """A fresh adapter (the identity) moved off it by random amounts, LoRA's B from zero and IA3's
+    vectors from one (by more: the tiny model's greedy answers change little under scales near one):
+    answers then differ per adapter."""
     state = resident.fresh(slot, seed)
-    return {
-        k: torch.randn(v.shape, generator=generator) * 0.3 if "lora_B" in k else v for k, v in state.items()
-    }
+    for key, tensor in state.items():
+        for name, spread in (("lora_B", 0.3), ("ia3_l", 1.0)):
+            if name in key:
+                state[key] = tensor + torch.randn(tensor.shape, generator=generator) * spread
+    return state
 
 
 def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:

@@ -1,21 +1,33 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from conftest import random_adapter, tiny_llama
+from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from client.inference import answer_users
 from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import GateDecision, PersonalAdapterStore
-from common.adapters import AdapterSpec, fresh_lora_from_config, state_digest
+from common.adapters import AdapterSpec, fresh_adapter_from_config, state_digest
+from common.config import load_run_config
+from server.checkpoints import CheckpointStore
+
+IA3 = AdapterSpec(
+    peft_type="ia3", target_modules=("q_proj", "v_proj", "down_proj"), feedforward_modules=("down_proj",)
+)
 
 
-@pytest.fixture(params=[(), (1,)], ids=["every-layer", "top-layer"])
+@pytest.fixture(
+    params=[AdapterSpec(), AdapterSpec(layers=(1,)), IA3, replace(IA3, layers=(1,))],
+    ids=["lora-every-layer", "lora-top-layer", "ia3-every-layer", "ia3-top-layer"],
+)
 def resident(tiny_model, request):
     """Adapters on both layers of the tiny model, or on its top layer only (adapter-layers = 1)."""
     model, tokenizer = tiny_model
-    return ResidentModel(model, tokenizer, AdapterSpec(layers=request.param))
+    return ResidentModel(model, tokenizer, request.param)
 
 
 def _logits(resident, ids):
@@ -24,12 +36,7 @@ def _logits(resident, ids):
 
 
 def _random_adapter(resident, slot, seed):
-    state = resident.fresh(slot, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    for key in state:
-        if "lora_B" in key:
-            state[key] = torch.randn(state[key].shape, generator=generator) * 0.5
-    return state
+    return random_adapter(resident, slot, seed, torch.Generator().manual_seed(seed + 1))
 
 
 def test_identity_adapters_leave_the_base_model_unchanged(resident):
@@ -38,7 +45,7 @@ def test_identity_adapters_leave_the_base_model_unchanged(resident):
         base = resident.peft(ids).logits
     resident.use(personal=True)
     assert torch.equal(_logits(resident, ids), base)
-    resident.load(SHARED, resident.fresh(SHARED, seed=3))  # fresh: random A, zero B -> still identity
+    resident.load(SHARED, resident.fresh(SHARED, seed=3))  # fresh: random A, zero B (IA3: ones) -> identity
     assert torch.allclose(_logits(resident, ids), base)
 
 
@@ -60,10 +67,25 @@ def test_slots_add_up_and_swap_by_weight_copy(resident):
     assert state_digest(resident.state(SHARED)) == state_digest(shared)
 
 
+def test_two_ia3_slots_scale_the_base_by_their_product(tiny_model):
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, IA3)
+    ids = torch.randint(0, 1000, (2, 7))
+    shared, personal = _random_adapter(resident, SHARED, 1), _random_adapter(resident, PERSONAL, 2)
+    resident.load(SHARED, shared)
+    resident.load(PERSONAL, personal)
+    resident.use(personal=True)
+    both = _logits(resident, ids)
+    resident.load(SHARED, {key: shared[key] * personal[key] for key in shared})
+    resident.load(PERSONAL, None)
+    assert torch.allclose(_logits(resident, ids), both, atol=1e-5)
+    assert all(torch.equal(v, torch.ones_like(v)) for v in resident.state(PERSONAL).values())
+
+
 def test_only_the_chosen_slot_is_trainable(resident):
     params = resident.trainable(PERSONAL)
     names = {n for n, p in resident.peft.named_parameters() if p.requires_grad}
-    assert names and all(".personal." in n for n in names)
+    assert names and all(PERSONAL in n.split(".") for n in names)
     assert sum(p.numel() for p in params) == sum(v.numel() for v in resident.state(PERSONAL).values())
 
 
@@ -83,26 +105,47 @@ def test_bad_adapters_are_refused(resident, corrupt, message):
     assert message in str(err.value)
 
 
-def test_store_round_trip_loads_with_plain_peft(resident, tiny_model, tmp_path):
+def test_store_round_trip_loads_with_plain_peft(resident, tokenizer, tmp_path):
     store = PersonalAdapterStore(tmp_path)
     personal = _random_adapter(resident, PERSONAL, 5)
     record = store.save(
         "oppu", "u/1 odd id", personal, resident.spec.peft_config(), shared_digest="abc", data_fingerprint="f"
     )
     loaded_record, loaded = store.load("oppu", "u/1 odd id")
-    adapter_config = json.loads((tmp_path / record.path / "adapter_config.json").read_text())
-    assert adapter_config["layers_to_transform"] == (list(resident.spec.layers) or None)
     assert loaded_record == record and len(Path(record.path).parts) == 4  # adapters/oppu/<user>/<version>
     assert all(torch.equal(loaded[k], personal[k]) for k in personal)
-    # The stored directory is an ordinary peft adapter.
-    model, _ = tiny_model
+    # The stored directory is an ordinary peft adapter, loaded onto another copy of the base model
+    # (on the resident's own model, peft would add it beside the slots, which stay the active ones).
     ids = torch.randint(0, 1000, (1, 6))
-    peft_model = PeftModel.from_pretrained(model, tmp_path / record.path)
+    peft_model = PeftModel.from_pretrained(tiny_llama(tokenizer), tmp_path / record.path)
+    assert set(get_peft_model_state_dict(peft_model)) == set(personal)  # the same modules and layers
+    base = _logits(resident, ids)
     resident.load(PERSONAL, personal)
     resident.use(personal=True)
     resident.load(SHARED, None)
     with torch.no_grad():
-        assert torch.allclose(peft_model(ids).logits, resident.peft(ids).logits, atol=1e-5)
+        plain = peft_model(ids).logits
+    assert torch.allclose(plain, _logits(resident, ids), atol=1e-5) and not torch.allclose(plain, base)
+
+
+def test_answers_are_the_same_after_saving_and_loading_both_adapters(resident, tokenizer, tmp_path):
+    """The shared adapter through the server's checkpoints and the personal one through the node's
+    store, loaded into a new resident model (a new process's) on another copy of the base model."""
+    shared, personal = _random_adapter(resident, SHARED, 1), _random_adapter(resident, PERSONAL, 2)
+    prompts = [[f"user {u} asks about film {q}:" for q in range(2)] for u in range(2)]
+    options = {"max_new_tokens": 5, "max_prompt_tokens": 32}
+    resident.load(SHARED, shared)
+    before = answer_users(resident, prompts, [personal, None], **options)
+    config = resident.spec.peft_config()
+    CheckpointStore(tmp_path / "run").save(1, shared, config)
+    store = PersonalAdapterStore(tmp_path / "node")
+    store.save("oppu", "u0", personal, config, shared_digest=state_digest(shared), data_fingerprint="f")
+
+    restarted = ResidentModel(tiny_llama(tokenizer), tokenizer, resident.spec)
+    assert answer_users(restarted, prompts, [None, None], **options) != before  # the adapters matter
+    _, saved_shared, _ = CheckpointStore(tmp_path / "run").latest()
+    restarted.load(SHARED, saved_shared)
+    assert answer_users(restarted, prompts, [store.load("oppu", "u0")[1], None], **options) == before
 
 
 def test_the_gate_decision_is_kept_in_the_manifest_and_the_users_export(resident, tmp_path):
@@ -144,9 +187,25 @@ def test_the_first_shared_adapter_comes_from_the_config_alone(resident, tiny_mod
         raise AssertionError("the base weights were loaded")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
-    from_config = fresh_lora_from_config(str(tiny_model_dir), resident.spec, seed=7)
+    from_config = fresh_adapter_from_config(str(tiny_model_dir), resident.spec, seed=7)
     expected = resident.fresh(SHARED, seed=7)
     assert list(from_config) == list(expected)
     assert all(torch.equal(from_config[k], expected[k]) for k in expected)
     with pytest.raises(ValueError, match="dora adapter needs the base weights"):
-        fresh_lora_from_config(str(tiny_model_dir), AdapterSpec(peft_type="dora"), seed=7)
+        fresh_adapter_from_config(str(tiny_model_dir), AdapterSpec(peft_type="dora"), seed=7)
+
+
+def test_ia3_scales_the_input_of_the_mlps_down_projection_and_the_output_of_the_others(tiny_model_dir):
+    """IA3 from the run config on the top layer only: a vector per target (all ones, the identity), of
+    the down projection's input width, and of every other target's output width."""
+    config = load_run_config(overrides=[f'model="{tiny_model_dir}"', "peft-type=ia3", "adapter-layers=1"])
+    spec = AdapterSpec.from_config(config)
+    assert spec.feedforward_modules == ("down_proj",)
+    initial = fresh_adapter_from_config(config.model, spec, 0)
+    shapes = {key.split(".layers.")[1].removesuffix(".ia3_l"): tuple(v.shape) for key, v in initial.items()}
+    attention = {"q_proj": (64, 1), "k_proj": (32, 1), "v_proj": (32, 1), "o_proj": (64, 1)}
+    mlp = {"gate_proj": (128, 1), "up_proj": (128, 1), "down_proj": (1, 128)}
+    assert shapes == {f"1.self_attn.{k}": v for k, v in attention.items()} | {
+        f"1.mlp.{k}": v for k, v in mlp.items()
+    }
+    assert all(torch.equal(v, torch.ones_like(v)) for v in initial.values())

@@ -99,5 +99,20 @@ def test_the_gate_tries_its_weights_only_when_it_mixes():
     assert load_run_config(overrides=["personal-gate=mix"]).gate_weights == (1.0, 0.5, 0.0)
     assert load_run_config(overrides=["personal-gate=choice"]).gate_weights == (1.0,)
     assert load_run_config(overrides=["personal-gate=none"]).gate_setting == "none"
-    with pytest.raises(ConfigError, match="peft-type = 'dora' needs personal-gate = 'choice' or 'none'"):
-        load_run_config(overrides=["personal-gate=mix", "peft-type=dora"])
+
+
+@pytest.mark.parametrize("peft_type", ["dora", "ia3"])
+def test_what_scales_or_freezes_lora_matrices_is_refused_for_other_peft_types(peft_type):
+    """personal-gate = "mix" scales the shared adapter's B matrices, FFA-LoRA freezes its A matrices:
+    DoRA's magnitudes and IA3's vectors have neither."""
+    with pytest.raises(
+        ConfigError, match=f"peft-type = '{peft_type}' needs personal-gate = 'choice' or 'none'"
+    ):
+        load_run_config(overrides=["personal-gate=mix", f"peft-type={peft_type}"])
+    with pytest.raises(
+        ConfigError, match=f"shared-ffa-lora = true needs peft-type = 'lora', not '{peft_type}'"
+    ):
+        load_run_config(overrides=["shared-ffa-lora=true", f"peft-type={peft_type}"])
+    assert (
+        load_run_config(overrides=["personal-gate=choice", f"peft-type={peft_type}"]).peft_type == peft_type
+    )
