@@ -125,12 +125,13 @@ def _checksum(states: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A digest of the base weights (not the adapters') from a strided sample of every tensor: cheap,
-    and a different model (or a changed one under the same name) gets different files."""
+def weights_fingerprint(model: torch.nn.Module, adapter_prefix: str) -> str:
+    """A digest of the base weights (not the adapters', whose parameter names hold the PEFT type's
+    `adapter_prefix`: "lora_", "ia3_") from a strided sample of every tensor: cheap, and a different
+    model (or a changed one under the same name) gets different files."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        if "lora_" in name:
+        if adapter_prefix in name:
             continue
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
@@ -202,7 +203,8 @@ class HiddenStates:
         check_layered(resident)
         self.first = resident.spec.first_layer
         self.limit_bytes = limit_bytes
-        self.fingerprint = weights_fingerprint(resident.peft.base_model.model)
+        tuner = resident.peft.base_model
+        self.fingerprint = weights_fingerprint(tuner.model, tuner.prefix)
         # A GPU's kernels round differently: its states do not stand in for a CPU's, nor the reverse.
         self.device_tag = "" if resident.device.type == "cpu" else f"-{resident.device.type}"
         self._memory: OrderedDict[tuple[bool, str], torch.Tensor] = OrderedDict()

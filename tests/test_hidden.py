@@ -3,8 +3,9 @@ but the time (fp32: the same loss and gradients as the whole model), in memory a
 
 import os
 
+import pytest
 import torch
-from conftest import tiny_llama
+from conftest import random_adapter, tiny_llama
 
 from client.hidden import HiddenStates, HiddenStore, persisted
 from client.resident import SHARED, ResidentModel
@@ -192,3 +193,17 @@ def test_a_stored_adapter_on_other_layers_is_retrained_from_scratch(
     assert reply.content[protocol.METRICS]["users-trained"] == 1
     assert set(store.load("local", user)[1]) == set(resident.state("personal"))
     assert list((node.state_dir / "hidden-states").glob("*/*.safetensors"))  # kept for the next message
+
+
+@pytest.mark.parametrize("peft_type", ["lora", "ia3"])
+def test_the_states_variant_names_the_base_weights_not_the_adapters(tiny_model, tokenizer, peft_type):
+    """A new process finds a node's stored states only if their variant does not change with the
+    adapters loaded (the shared adapter changes every round)."""
+    model, _ = tiny_model
+    spec = AdapterSpec(peft_type=peft_type, target_modules=("q_proj", "v_proj"), layers=(1,))
+    resident = ResidentModel(model, tokenizer, spec)
+    before = HiddenStates(resident, limit_bytes=2**20).variant(False)
+    resident.load(SHARED, random_adapter(resident, SHARED, 0, torch.Generator().manual_seed(2)))
+    assert HiddenStates(resident, limit_bytes=2**20).variant(False) == before
+    other_base = ResidentModel(tiny_llama(tokenizer, seed=1), tokenizer, spec)
+    assert HiddenStates(other_base, limit_bytes=2**20).variant(False) != before
