@@ -87,30 +87,44 @@ def run_layers(
     return hidden
 
 
+def run_layers_once_for_the_prefix(
+    backbone: torch.nn.Module, layers: slice, inputs: torch.Tensor, attention: torch.Tensor, prefix_len: int
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`run_layers` over right-padded rows whose first `prefix_len` inputs are the same in every row:
+    the prefix runs once (one row) and its keys and values serve every row. Returns the prefix's
+    output (None without a prefix) and the other positions' output."""
+    width = inputs.shape[1]
+    if not prefix_len:
+        return None, run_layers(backbone, layers, inputs, attention, positions(0, width, inputs.device))
+    cache = DynamicCache(config=backbone.config)
+    head = run_layers(
+        backbone,
+        layers,
+        inputs[:1, :prefix_len],
+        attention[:1, :prefix_len],
+        positions(0, prefix_len, inputs.device),
+        cache,
+    )
+    cache.batch_repeat_interleave(inputs.shape[0])
+    tail = run_layers(
+        backbone,
+        layers,
+        inputs[:, prefix_len:],
+        attention,
+        positions(prefix_len, width, inputs.device),
+        cache,
+    )
+    return head, tail
+
+
 def adapted_layers_forward(
     resident: ResidentModel, inputs: torch.Tensor, attention: torch.Tensor, prefix_len: int = 0
 ) -> torch.Tensor:
     """The adapted top layers on the states entering them (rows x width x hidden, right-padded); with
-    `prefix_len`, the prefix every row shares runs once and its keys and values serve every row.
-    Returns the states after the last layer for the positions after the prefix (before the norm)."""
-    backbone = backbone_of(resident)
+    `prefix_len`, the prefix every row shares runs once. Returns the states after the last layer for
+    the positions after the prefix (before the norm)."""
     top = slice(resident.spec.first_layer, None)
-    width = inputs.shape[1]
-    cache = None
-    if prefix_len:
-        cache = DynamicCache(config=backbone.config)
-        run_layers(
-            backbone,
-            top,
-            inputs[:1, :prefix_len],
-            attention[:1, :prefix_len],
-            positions(0, prefix_len, inputs.device),
-            cache,
-        )
-        cache.batch_repeat_interleave(inputs.shape[0])
-    return run_layers(
-        backbone, top, inputs[:, prefix_len:], attention, positions(prefix_len, width, inputs.device), cache
-    )
+    return run_layers_once_for_the_prefix(backbone_of(resident), top, inputs, attention, prefix_len)[1]
 
 
 def example_key(input_ids: Sequence[int]) -> str:
@@ -238,21 +252,19 @@ class HiddenStates:
 
     @torch.no_grad()
     def _compute(
-        self, resident: ResidentModel, ids: torch.Tensor, attention: torch.Tensor, bf16: bool
+        self, resident: ResidentModel, ids: torch.Tensor, attention: torch.Tensor, bf16: bool, prefix_len: int
     ) -> torch.Tensor:
-        """The frozen layers below the adapters over a right-padded batch, in the compute precision:
-        under bf16 autocast the matmuls run in bf16 and the residual stream stays in the model's dtype,
-        and so do the states kept. (Rounded to bf16 they would change the loss by about as much as
-        autocast itself does: SmolLM2's residual stream reaches ~2e4, where bf16 steps by 128.)"""
+        """The frozen layers below the adapters over a right-padded batch, in the compute precision,
+        the prefix all rows share run once: under bf16 autocast the matmuls run in bf16 and the
+        residual stream stays in the model's dtype, and so do the states kept. (Rounded to bf16 they
+        would change the loss by about as much as autocast itself does: SmolLM2's residual stream
+        reaches ~2e4, where bf16 steps by 128.)"""
         backbone = backbone_of(resident)
         with resident.autocast(bf16):
-            return run_layers(
-                backbone,
-                slice(0, self.first),
-                backbone.embed_tokens(ids),
-                attention,
-                positions(0, ids.shape[1], ids.device),
+            head, tail = run_layers_once_for_the_prefix(
+                backbone, slice(0, self.first), backbone.embed_tokens(ids), attention, prefix_len
             )
+        return tail if head is None else torch.cat([head.expand(ids.shape[0], -1, -1), tail], dim=1)
 
     def inputs(
         self,
@@ -261,14 +273,16 @@ class HiddenStates:
         ids: torch.Tensor,
         attention: torch.Tensor,
         bf16: bool,
+        prefix_len: int = 0,
     ) -> torch.Tensor:
         """The batch's states entering the first adapted layer (rows x width x hidden, zero where
         `attention` is, in the model's dtype, on its device): from memory, or computed for the whole
-        batch when any row's are not known yet (then kept on the CPU, one tensor per example)."""
+        batch when any row's are not known yet (then kept on the CPU, one tensor per example), with
+        the first `prefix_len` tokens, the same in every row, run once."""
         keys = [(bf16, example_key(e.input_ids)) for e in examples]
         states = [self._get(key) for key in keys]
         if any(state is None for state in states):
-            computed = self._compute(resident, ids, attention, bf16)
+            computed = self._compute(resident, ids, attention, bf16, prefix_len)
             states = [
                 computed[row, : len(e.input_ids)].to("cpu", copy=True) for row, e in enumerate(examples)
             ]

@@ -139,6 +139,21 @@ def target_loss(
     return F.cross_entropy(logits.float(), targets)
 
 
+def _prefix_and_inputs(
+    resident: ResidentModel,
+    batch: Sequence[Example],
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    bf16: bool,
+    hidden: HiddenStates | None,
+) -> tuple[int, torch.Tensor | None]:
+    """The batch's shared prefix length and, with adapters on the top layers, the states entering them."""
+    prefix_len = shared_prefix_len(batch)
+    if hidden is None:
+        return prefix_len, None
+    return prefix_len, hidden.inputs(resident, batch, ids, attention, bf16, prefix_len)
+
+
 @contextlib.contextmanager
 def training_attention(model, rows: int, width: int, layers: int, bf16: bool) -> Iterator[None]:
     """Under bf16 autocast on a CPU, switch an SDPA model to eager attention for one step when the
@@ -173,9 +188,9 @@ def _accumulate(
     total_loss, tokens = 0.0, 0
     for part, weight in zip(micro, targets, strict=True):
         ids, attention, mask = (t.to(resident.device) for t in collate(part, resident.tokenizer.pad_token_id))
-        inputs = hidden.inputs(resident, part, ids, attention, autocast_bf16) if hidden is not None else None
+        prefix_len, inputs = _prefix_and_inputs(resident, part, ids, attention, autocast_bf16, hidden)
         with resident.autocast(autocast_bf16), training_attention(model, *ids.shape, layers, autocast_bf16):
-            loss = target_loss(resident, ids, attention, mask, shared_prefix_len(part), inputs)
+            loss = target_loss(resident, ids, attention, mask, prefix_len, inputs)
             loss = loss * (weight / sum(targets))
         loss.backward()
         total_loss += loss.item()
@@ -258,11 +273,9 @@ def evaluation_loss(
         for start in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[start : start + batch_size]]
             ids, attention, mask = collate(batch, resident.tokenizer.pad_token_id)
-            inputs = (
-                hidden.inputs(resident, batch, ids, attention, autocast_bf16) if hidden is not None else None
-            )
+            prefix_len, inputs = _prefix_and_inputs(resident, batch, ids, attention, autocast_bf16, hidden)
             with resident.autocast(autocast_bf16):
-                loss = target_loss(resident, ids, attention, mask, shared_prefix_len(batch), inputs)
+                loss = target_loss(resident, ids, attention, mask, prefix_len, inputs)
             count = int(mask.sum())
             total += loss.item() * count
             targets += count

@@ -52,17 +52,18 @@ def test_cached_states_give_the_whole_models_loss_and_gradients(tiny_model):
     params = resident.trainable(SHARED)
     whole = resident.peft(input_ids=ids, attention_mask=attention, labels=labels).loss
     whole_grads = torch.autograd.grad(whole, params)
-    hidden = HiddenStates(resident, limit_bytes=2**30)
     prefix = shared_prefix_len(examples)
     assert prefix > 0
-    for prefix_len in (0, prefix, prefix):  # the last run finds every state in memory
-        inputs = hidden.inputs(resident, examples, ids, attention, bf16=False)
+    kept = HiddenStates(resident, limit_bytes=2**30)
+    # States computed whole, computed with the shared prefix run once, and found in memory.
+    for prefix_len, hidden in ((0, HiddenStates(resident, 2**30)), (prefix, kept), (prefix, kept)):
+        inputs = hidden.inputs(resident, examples, ids, attention, bf16=False, prefix_len=prefix_len)
         loss = target_loss(resident, ids, attention, mask, prefix_len, inputs)
         grads = torch.autograd.grad(loss, params)
         assert torch.allclose(loss, whole, atol=1e-6, rtol=0)
         for ours, reference in zip(grads, whole_grads, strict=True):
             assert torch.allclose(ours, reference, atol=1e-6, rtol=1e-5)
-    assert len(hidden) == len(examples)
+    assert len(kept) == len(examples)
     assert any(g.abs().max() > 1e-3 for g in whole_grads)  # the comparison is not between zero gradients
 
 
