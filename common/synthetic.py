@@ -86,7 +86,6 @@ class BenchmarkConfig:
             )
 
 
-
 # An author draws one (input, output) pair from a random generator, in one user's own way.
 Author = Callable[[random.Random], tuple[str, str]]
 
@@ -216,7 +215,9 @@ class _Moviegoer:
 
     def theme(self, rng: random.Random, among: Collection[str] | None = None) -> str:
         """A theme by this user's taste, `among` these themes only when given."""
-        taste = self.taste if among is None else [w * (t in among) for t, w in zip(_THEMES, self.taste, strict=True)]
+        taste = self.taste
+        if among is not None:
+            taste = tuple(w * (t in among) for t, w in zip(_THEMES, taste, strict=True))
         return rng.choices(_THEMES, taste)[0]
 
     def describe(self, rng: random.Random, theme: str) -> tuple[str, str]:

@@ -5,9 +5,10 @@ brings back unrelated items, while a personal adapter (OPPU) keeps what it learn
 built-in benchmark's `benchmark-shifted-queries` (common/synthetic.py) gives every user queries on
 movie themes their history never shows (group `shifted`) beside the usual ones on themes it does
 (`in-history`); one federation answers both, and each node reports the two groups' counts apart. A
-shifted query's personal tag is in no history, so every personalized method scores lower there; the
-question is which loses more: (rag - oppu on shifted queries) - (rag - oppu on in-history queries),
-the same users resampled for both (simulations/statistics.py, `shift_effects`).
+shifted query's personal tag is in no history: the best answer there is the population's tag, right
+with probability 1 - benchmark-personal-strength, so personalized methods are expected to score lower
+there. The question is which loses more: (rag - oppu on shifted queries) - (rag - oppu on in-history
+queries), the same users resampled for both (simulations/statistics.py, `shift_effects`).
 
 The study's run config is in simulations/studies.py; this module is its part of the report, which
 simulations/report.py adds to any run whose queries come in groups.
