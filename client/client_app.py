@@ -51,7 +51,7 @@ from common.adapters import FFA_FROZEN, AdapterSpec, StateDict, frozen_lora_a, s
 from common.config import RunConfig
 from common.device import bound_gpu_memory, resolve_device
 from common.methods import METHODS, Method
-from common.metrics import merge_counts, metric_counts
+from common.metrics import group_counts, grouped_metric_counts, merge_counts, split_groups
 from common.model import load_base_model
 from common.precision import compute_precision
 from common.profiles import history_fingerprint
@@ -353,19 +353,31 @@ def evaluate(msg: Message, context: Context) -> Message:
     user_counts: list[dict[str, float]] = []
     minimum, per_user = node.policy.min_group_size, user_metric_names(node)
     for ctx, name, user_answers in zip(node.contexts, user_names(node, msg), answers, strict=True):
-        counts = metric_counts(node.task, user_answers, [q.output for q in ctx.queries()])
+        queries = ctx.queries()
+        golds, groups = [q.output for q in queries], [ctx.user.query_group(q) for q in queries]
+        counts = grouped_metric_counts(node.task, user_answers, golds, groups)
         user_counts.append(counts)
         if counts["n"] >= minimum:  # a smaller group is counted in the node's total only
-            record = {**counts, protocol.HISTORY_SIZE: len(ctx.user.history)}
+            record = {**releasable(counts, minimum), protocol.HISTORY_SIZE: len(ctx.user.history)}
             replies[protocol.user_record(name)] = MetricRecord(
                 {k: v for k, v in record.items() if k in per_user}
             )
     total = merge_counts(*user_counts) if user_counts else {"n": 0}
     own = {protocol.NUM_EXAMPLES: int(total["n"])}
     if total["n"] >= minimum:
-        own |= {k: v for k, v in total.items() if k in node_metric_names(node)}
+        own |= {k: v for k, v in releasable(total, minimum).items() if k in node_metric_names(node)}
     replies[protocol.METRICS] = MetricRecord(own)
     return Message(RecordDict(replies), reply_to=msg)
+
+
+def releasable(counts: dict[str, float], minimum: int) -> dict[str, float]:
+    """A record's counts without the query groups that sum fewer than `minimum` answers (the node's
+    min-group-size holds for every count a record carries)."""
+    plain, groups = split_groups(counts)
+    for group, own in groups.items():
+        if own["n"] >= minimum:
+            plain |= group_counts(group, own)
+    return plain
 
 
 def _stored_personal(

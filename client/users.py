@@ -10,6 +10,7 @@ profile text never leave it.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from client.resident import ResidentModel
 from client.store import PROFILES, node_state_dir
 from client.training import Example, encode_example
 from common.config import RunConfig
-from common.data import User
+from common.data import Item, User
 from common.loaders import load_run_dataset, partition
 from common.profiles import ProfileCache, generated_profile, summary_profile
 from common.prompts import build_prompt, target_text
@@ -88,9 +89,19 @@ class UserContext:
             ]
         return self._cache[key]
 
-    def queries(self):
+    def queries(self) -> list[Item]:
+        """The queries answered: all, or the first `max-queries-per-user` of each query group."""
         limit = self.config.max_queries_per_user
-        return self.user.queries[:limit] if limit > 0 else self.user.queries
+        if limit <= 0:
+            return self.user.queries
+        taken: Counter[str | None] = Counter()
+        kept = []
+        for query in self.user.queries:
+            group = self.user.query_group(query)
+            if taken[group] < limit:
+                taken[group] += 1
+                kept.append(query)
+        return kept
 
     def query_prompts(self, resident: ResidentModel, *, rag: bool, profile: bool) -> list[str]:
         key = ("queries", rag, profile)

@@ -33,6 +33,13 @@ PERSONAL_GATES = ("none", "choice", "mix")  # client/gate.py
 # The privacy layer of the shared adapter (server/privacy.py, client/mods.py); docs/privacy.md compares them.
 PRIVACY_SETTINGS = ("none", "central-dp", "client-dp", "adaptive-dp", "local-dp", "secagg", "secagg+dp")
 METHODS = tuple(_METHODS)
+# benchmark-shifted-queries (common/synthetic.py): the built-in tasks where a query's topic can be
+# absent from the user's history.
+SHIFT_TASKS = ("tagging",)
+SHIFT_REASON = (
+    "only tagging's answers follow a topic (the movie's theme) that a history can leave out; rating's "
+    "personal rule follows the sentiment and title's the user's style, on every item alike"
+)
 AUTO = "auto"  # autocast-bf16: measured on the machine that computes (common/precision.py)
 ALL_LAYERS = "all"  # adapter-layers: every decoder layer
 # device: "auto" (CUDA when torch sees it, else the CPU), "cpu", "cuda" or "cuda:N" (common/device.py)
@@ -71,6 +78,7 @@ class RunConfig:
     benchmark_max_history: int
     benchmark_queries: int
     benchmark_personal_strength: float
+    benchmark_shifted_queries: int
     max_users: int
     users_per_client: int
     seed: int
@@ -187,6 +195,7 @@ class RunConfig:
             raise ConfigError(
                 f"{source}: benchmark-personal-strength = {self.benchmark_personal_strength}; expected 0..1"
             )
+        self._validate_shift(source)
         if self.personal_epochs < 0:
             raise ConfigError(f"{source}: personal-epochs = {self.personal_epochs}; expected >= 0")
         self._validate_sampling(source)
@@ -196,6 +205,17 @@ class RunConfig:
         if self.rag_k < 1 and any(_METHODS[name].rag for name in self.method_list):
             raise ConfigError(
                 f"{source}: rag-k = {self.rag_k}, but methods {self.methods!r} retrieve; expected >= 1"
+            )
+
+    def _validate_shift(self, source: str) -> None:
+        shifted = self.benchmark_shifted_queries
+        if shifted < 0:
+            raise ConfigError(f"{source}: benchmark-shifted-queries = {shifted}; expected >= 0 (0 = off)")
+        if shifted and (self.data != "builtin" or self.task not in SHIFT_TASKS):
+            raise ConfigError(
+                f"{source}: benchmark-shifted-queries = {shifted} needs the built-in benchmark (data = "
+                f"'builtin') with task {' or '.join(map(repr, SHIFT_TASKS))}, not data = {self.data!r}, "
+                f"task = {self.task!r}: {SHIFT_REASON}"
             )
 
     def _validate_sampling(self, source: str) -> None:

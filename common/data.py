@@ -7,7 +7,7 @@ silently skipped record would skew a personalization result.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,11 +24,23 @@ class Item:
     date: float | None = None
 
 
+# Query groups a data set may mark its queries with, each scored apart as well as in total: the
+# behaviour-shift study's queries on a topic the user's history covers, and on one it does not. A
+# fixed vocabulary, since the names travel in evaluate replies (common/protocol.py).
+IN_HISTORY = "in-history"
+SHIFTED = "shifted"
+QUERY_GROUPS = (IN_HISTORY, SHIFTED)
+
+
 @dataclass
 class User:
     user_id: str
     history: list[Item]
     queries: list[Item]
+    query_groups: dict[str, str] = field(default_factory=dict)  # query id -> one of QUERY_GROUPS
+
+    def query_group(self, query: Item) -> str | None:
+        return self.query_groups.get(query.id)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from common.data import Dataset, Item, User, parse_date, require, require_id
+from common.data import QUERY_GROUPS, Dataset, Item, User, parse_date, require, require_id
 from common.io import DataError, read_json
 from common.synthetic import BenchmarkConfig, make_benchmark
 from common.tasks import Task, get_task
@@ -162,9 +162,24 @@ def _load_oppu(history_path: Path, labels_path: Path, task_name: str | None) -> 
         history = _history(task, require(record, "profile", list, where), where)
         query_records = require(record, "query", list, where)
         user_queries = [queries.item(q, f"{where}, query[{j}]") for j, q in enumerate(query_records)]
-        users.append(User(user_id, history, user_queries))
+        groups = {
+            query.id: group
+            for j, (q, query) in enumerate(zip(query_records, user_queries, strict=True))
+            if (group := _query_group(q, f"{where}, query[{j}]")) is not None
+        }
+        users.append(User(user_id, history, user_queries, groups))
     queries.check_all_used()
     return Dataset(task.name, users, str(history_path.parent))
+
+
+def _query_group(record: dict, where: str) -> str | None:
+    """A query's optional 'group' (common.data.QUERY_GROUPS), e.g. the behaviour-shift benchmark's."""
+    if "group" not in record:
+        return None
+    group = require(record, "group", str, where)
+    if group not in QUERY_GROUPS:
+        raise DataError(f"{where}: field 'group' is {group!r}; expected one of {list(QUERY_GROUPS)}")
+    return group
 
 
 def _load_lamp(questions_path: Path, outputs_path: Path, task_name: str | None) -> Dataset:

@@ -12,11 +12,28 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from rouge_score import rouge_scorer
 
+from common.data import QUERY_GROUPS
 from common.tasks import CLASSIFICATION, RATING, Task
+
+GROUP_SEPARATOR = ":"  # a query group's own counts: `shifted:n`, `in-history:correct`, ...
+
+
+def grouped_metric_counts(
+    task: Task, predictions: Sequence[str], golds: Sequence[str], groups: Sequence[str | None]
+) -> dict[str, float]:
+    """`metric_counts` over every answer, and each query group's own under `<group>:<name>` (answers of
+    no group count in the total only): each group's counts add up within the total."""
+    counts = metric_counts(task, predictions, golds)
+    for group in QUERY_GROUPS:
+        picked = [i for i, g in enumerate(groups) if g == group]
+        if picked:
+            own = metric_counts(task, [predictions[i] for i in picked], [golds[i] for i in picked])
+            counts |= group_counts(group, own)
+    return counts
 
 
 def metric_counts(task: Task, predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
@@ -46,6 +63,29 @@ def count_names(task: Task) -> tuple[str, ...]:
     if task.kind == RATING:
         return ("n", "abs_err_sum", "sq_err_sum")
     return ("n", "rouge1_sum", "rougeL_sum")
+
+
+def group_counts(group: str, counts: Mapping[str, float]) -> dict[str, float]:
+    """One query group's counts as a record carries them beside the total: `<group>:<name>`."""
+    return {f"{group}{GROUP_SEPARATOR}{name}": value for name, value in counts.items()}
+
+
+def group_count_names(names: Iterable[str]) -> frozenset[str]:
+    """The names of `names` for each query group (common.data.QUERY_GROUPS)."""
+    return frozenset(key for group in QUERY_GROUPS for key in group_counts(group, dict.fromkeys(names)))
+
+
+def split_groups(counts: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(the counts over every query, {query group: its own counts}) from one record."""
+    plain: dict[str, float] = {}
+    groups: dict[str, dict[str, float]] = {}
+    for key, value in counts.items():
+        group, separator, name = key.partition(GROUP_SEPARATOR)
+        if separator and group in QUERY_GROUPS:
+            groups.setdefault(group, {})[name] = value
+        else:
+            plain[key] = value
+    return plain, groups
 
 
 def merge_counts(*counts: Mapping[str, float]) -> dict[str, float]:

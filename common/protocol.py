@@ -4,7 +4,7 @@
 |---|---|---|
 | `train` (one round of the shared adapter; Flower's strategies send it) | `arrays`: the shared adapter; `config`: `server-round`, `round-offset`, FedProx's `proximal-mu` | `arrays`: the trained shared adapter, same keys and shapes; `metrics`: `TRAIN_METRICS` |
 | `train.personalize` (train each user's personal adapter for one method) | `config`: `method`, `shared-round`; `arrays` when the method builds on the shared adapter | `metrics`: `PERSONALIZE_METRICS` |
-| `evaluate` (answer every user's queries with one method) | `config`: `method`, `user-scope`; `arrays` when the method uses the shared adapter | `metrics`: the node's metric counts; `user:<pseudonym>`: one user's counts (and history size, where the node's policy allows) |
+| `evaluate` (answer every user's queries with one method) | `config`: `method`, `user-scope`; `arrays` when the method uses the shared adapter | `metrics`: the node's metric counts; `user:<pseudonym>`: one user's counts (and history size, where the node's policy allows); both also per query group (`<group>:<count>`) where the node's data marks its queries with groups |
 
 SecAgg+ runs `train` through Flower's legacy fit messages instead; their config carries the shared
 adapter's key order (`arrays-keys`), since legacy parameters have no names.
@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.constant import ErrorCode
 
-from common.metrics import count_names, label_count_names
+from common.metrics import count_names, group_count_names, label_count_names
 from common.tasks import Task
 
 if TYPE_CHECKING:  # a node's CLI (client/policy.py) imports this module: no torch for annotations
@@ -130,10 +130,11 @@ def reply_metric_names(message_type: str, privacy: str) -> frozenset[str]:
 
 
 def evaluate_metric_names(task: Task, *, labels: bool, history: bool) -> frozenset[str]:
-    """The metric names of one evaluate record: the task's counts, without the per-label breakdown
-    unless `labels`, with the history size only if `history`."""
+    """The metric names of one evaluate record: the task's counts, also per query group (where the data
+    marks its queries with groups), without the per-label breakdown unless `labels`, with the history
+    size only if `history`."""
     names = set(count_names(task)) - (set() if labels else set(label_count_names(task)))
-    return frozenset(names | ({HISTORY_SIZE} if history else set()))
+    return frozenset(names | group_count_names(names) | ({HISTORY_SIZE} if history else set()))
 
 
 # numpy dtype of the shared adapter's tensors on the wire, per `wire-dtype`.

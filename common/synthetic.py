@@ -15,21 +15,28 @@ user's history shows; users range from light to heavy (geometrically spread hist
   headline style (prefix, word order, extra details, casing), applied per item.
 All random draws are made whatever `personal_strength` is, so the same config at strength 0 gives the same
 inputs with the population's answers: the population oracle.
+
+Behaviour shift (`shifted_queries` > 0, tagging only; OPPU's paper, "behavior shift"): each user's
+history leaves out the SHIFT_THEMES themes they like least, their usual queries (group `in-history`)
+are on themes the history shows, and `shifted_queries` more (group `shifted`) are on themes it never
+shows, whose personal tag no retrieval or adapter trained on the history can know. At 0 nothing of this
+is drawn: the benchmark is unchanged.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from common.config import RunConfig, default_config_values
-from common.data import Dataset, Item, User
+from common.config import SHIFT_REASON, SHIFT_TASKS, RunConfig, default_config_values
+from common.data import IN_HISTORY, SHIFTED, Dataset, Item, User
 from common.io import atomic_write_json, atomic_write_text
 from common.tasks import BUILTIN_TAGS, get_task
 
 BUILTIN_TASKS = ("tagging", "rating", "title")
+SHIFT_THEMES = 2  # behaviour shift: the themes each user's history leaves out, of 8
 
 
 # The defaults are the run config's (pyproject.toml), so `fedoppu data make-benchmark` and a run agree.
@@ -50,6 +57,10 @@ class BenchmarkConfig:
     personal_strength: float = _default(
         "benchmark-personal-strength", "0: everyone answers like the population; 1: every answer is personal"
     )
+    shifted_queries: int = _default(
+        "benchmark-shifted-queries",
+        "behaviour shift (tagging): queries per user on themes absent from the user's history; 0 = off",
+    )
     seed: int = _default("seed", "random seed; the same config always gives the same data")
 
     @classmethod
@@ -67,6 +78,12 @@ class BenchmarkConfig:
             raise ValueError("need num_users >= 1, queries_per_user >= 1 and 1 <= min_history <= max_history")
         if not 0.0 <= self.personal_strength <= 1.0:
             raise ValueError(f"personal_strength must be in [0, 1], got {self.personal_strength}")
+        if self.shifted_queries < 0:
+            raise ValueError(f"shifted_queries must be >= 0, got {self.shifted_queries}")
+        if self.shifted_queries and self.task not in SHIFT_TASKS:
+            raise ValueError(
+                f"shifted_queries needs task {' or '.join(SHIFT_TASKS)}, not {self.task!r}: {SHIFT_REASON}"
+            )
 
 
 # An author draws one (input, output) pair from a random generator, in one user's own way.
@@ -174,22 +191,43 @@ _TWISTS = ("but time is running out", "and nothing goes as planned", "while old 
            "though nobody believes them", "against all odds", "before it is too late")  # fmt: skip
 
 
-def _tagging_author(rng: random.Random, strength: float) -> Author:
-    themes = list(_MOVIE_THEMES)
-    personal = {}
-    for theme, tag in zip(themes, BUILTIN_TAGS, strict=True):  # the population's convention
-        other = rng.choice([t for t in BUILTIN_TAGS if t != tag])
-        personal[theme] = other if rng.random() < strength else tag
-    taste = [rng.gammavariate(0.8, 1.0) for _ in themes]  # each user watches some themes more than others
+_THEMES = tuple(_MOVIE_THEMES)
 
-    def author(rng: random.Random) -> tuple[str, str]:
-        theme = rng.choices(themes, taste)[0]
+
+@dataclass(frozen=True)
+class _Moviegoer:
+    """A tagging user: their tag for each theme and how often they watch it."""
+
+    tags: dict[str, str]  # theme -> this user's tag
+    taste: tuple[float, ...]  # per theme, in _THEMES order
+
+    @classmethod
+    def draw(cls, rng: random.Random, strength: float) -> _Moviegoer:
+        tags = {}
+        for theme, tag in zip(_THEMES, BUILTIN_TAGS, strict=True):  # the population's convention
+            other = rng.choice([t for t in BUILTIN_TAGS if t != tag])
+            tags[theme] = other if rng.random() < strength else tag
+        taste = tuple(rng.gammavariate(0.8, 1.0) for _ in _THEMES)  # some themes more than others
+        return cls(tags, taste)
+
+    def least_liked(self, count: int) -> set[str]:
+        return set(sorted(_THEMES, key=dict(zip(_THEMES, self.taste, strict=True)).get)[:count])
+
+    def theme(self, rng: random.Random, among: Collection[str] | None = None) -> str:
+        """A theme by this user's taste, `among` these themes only when given."""
+        taste = self.taste
+        if among is not None:
+            taste = tuple(w * (t in among) for t, w in zip(_THEMES, taste, strict=True))
+        return rng.choices(_THEMES, taste)[0]
+
+    def describe(self, rng: random.Random, theme: str) -> tuple[str, str]:
         who, does, where = _MOVIE_THEMES[theme]
         template = rng.choice(_MOVIE_TEMPLATES)
         text = _pick(rng, template, who=who, does=does, where=where, adj=_ADJECTIVES, twist=_TWISTS)
-        return text, personal[theme]
+        return text, self.tags[theme]
 
-    return author
+    def __call__(self, rng: random.Random) -> tuple[str, str]:
+        return self.describe(rng, self.theme(rng))
 
 
 # --- rating: product reviews ------------------------------------------------------------------------------
@@ -322,7 +360,7 @@ def _title_author(rng: random.Random, strength: float) -> Author:
 
 
 _AUTHORS: dict[str, Callable[[random.Random, float], Author]] = {
-    "tagging": _tagging_author,
+    "tagging": _Moviegoer.draw,
     "rating": _rating_author,
     "title": _title_author,
 }
@@ -336,21 +374,58 @@ def _history_lengths(config: BenchmarkConfig) -> list[int]:
     return [round(config.min_history * ratio ** (rank / (n - 1) if n > 1 else 0.5)) for rank in ranks]
 
 
+class _Timeline:
+    """One user's items in time: ids in order, an item every hour to five days."""
+
+    def __init__(self, prefix: str, rng: random.Random) -> None:
+        self.prefix, self.rng, self.position = prefix, rng, 0
+        self.date = 1_600_000_000 + rng.randrange(365 * 86_400)
+
+    def item(self, draw: Callable[[random.Random], tuple[str, str]]) -> Item:
+        self.date += self.rng.randrange(3_600, 5 * 86_400)
+        text, output = draw(self.rng)
+        item = Item(f"{self.prefix}-{self.position:04d}", text, output, float(self.date))
+        self.position += 1
+        return item
+
+
 def make_benchmark(config: BenchmarkConfig) -> Dataset:
     users = []
     for index, length in enumerate(_history_lengths(config)):
         user_id = f"u{index:03d}"
         rng = random.Random(f"fedoppu/{config.task}/{config.seed}/{user_id}")
+        if config.shifted_queries:
+            users.append(_shifted_user(config, user_id, length, rng))
+            continue
         author = _AUTHORS[config.task](rng, config.personal_strength)
-        date = 1_600_000_000 + rng.randrange(365 * 86_400)
-        items = []
-        for position in range(length + config.queries_per_user):
-            date += rng.randrange(3_600, 5 * 86_400)
-            text, output = author(rng)
-            items.append(Item(f"{config.task}-{user_id}-{position:04d}", text, output, float(date)))
+        timeline = _Timeline(f"{config.task}-{user_id}", rng)
+        items = [timeline.item(author) for _ in range(length + config.queries_per_user)]
         queries = [replace(item, date=None) for item in items[length:]]  # queries carry no date on disk
         users.append(User(user_id, items[:length], queries))
     return Dataset(config.task, users, f"builtin:{config.task}")
+
+
+def _shifted_user(config: BenchmarkConfig, user_id: str, length: int, rng: random.Random) -> User:
+    """A tagging user whose history leaves out their SHIFT_THEMES least liked themes; queries on the
+    themes the history shows (in-history), then on those it never shows (shifted)."""
+    moviegoer = _Moviegoer.draw(rng, config.personal_strength)
+    timeline = _Timeline(f"{config.task}-{user_id}", rng)
+    watched = set(_THEMES) - moviegoer.least_liked(SHIFT_THEMES)
+    themes = [moviegoer.theme(rng, watched) for _ in range(length)]
+    history = [timeline.item(lambda r, theme=theme: moviegoer.describe(r, theme)) for theme in themes]
+    shown = set(themes)
+    unseen = [theme for theme in _THEMES if theme not in shown]
+    groups, queries = {}, []
+    for group, count, pick in (
+        (IN_HISTORY, config.queries_per_user, lambda: moviegoer.theme(rng, shown)),
+        (SHIFTED, config.shifted_queries, lambda: rng.choice(unseen)),
+    ):
+        for _ in range(count):
+            theme = pick()
+            query = replace(timeline.item(lambda r, theme=theme: moviegoer.describe(r, theme)), date=None)
+            groups[query.id] = group
+            queries.append(query)
+    return User(user_id, history, queries, groups)
 
 
 def write_benchmark(dataset: Dataset, out_dir: str | Path) -> None:
@@ -364,7 +439,11 @@ def write_benchmark(dataset: Dataset, out_dir: str | Path) -> None:
                 {"id": item.id, input_field: item.input, output_field: item.output, "date": item.date}
                 for item in user.history
             ],
-            "query": [{"id": item.id, "input": item.input} for item in user.queries],
+            "query": [
+                {"id": item.id, "input": item.input}
+                | ({"group": group} if (group := user.query_group(item)) else {})
+                for item in user.queries
+            ],
         }
         for user in dataset.users
     ]

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from common import protocol
+from common.data import QUERY_GROUPS
 from common.io import atomic_write_json, read_json
-from common.metrics import merge_counts, metrics_from_counts
+from common.metrics import merge_counts, metrics_from_counts, split_groups
 from common.tasks import Task
 
 
@@ -37,7 +38,9 @@ class Evaluation:
     kept too: the report's intervals resample users and recompute the pooled metrics from them
     (macro-F1 cannot be recomputed from per-user F1). `withheld` answers were scored by their nodes
     but reported in no record (their group was below the node's minimum group size); the users it
-    could not reach are in `missing`, not in the metrics."""
+    could not reach are in `missing`, not in the metrics. Where the data marks its queries with groups
+    (common.data.QUERY_GROUPS), `groups` scores each group the same way, from the records' own counts
+    for it: {group: {"overall", "users", "counts"}}."""
 
     overall: dict[str, float]
     users: dict[str, dict[str, float]]
@@ -45,6 +48,7 @@ class Evaluation:
     counts: dict[str, dict[str, float]]
     withheld: int = 0
     missing: Missing = field(default_factory=Missing)
+    groups: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_counts(
@@ -57,16 +61,33 @@ class Evaluation:
         history = {
             uid: int(c.pop(protocol.HISTORY_SIZE)) for uid, c in users.items() if protocol.HISTORY_SIZE in c
         }
-        ordered = dict(sorted(users.items()))  # sums in user order, not reply arrival order: reproducible
-        per_user = {uid: metrics_from_counts(task, c) for uid, c in ordered.items()}
-        reported = sorted(
-            ({k: v for k, v in node.items() if k != protocol.NUM_EXAMPLES} for node in nodes if "n" in node),
-            key=lambda counts: json.dumps(counts, sort_keys=True),  # arrival-order free, as above
-        )
-        overall = metrics_from_counts(task, merge_counts(*reported)) if reported else {"n": 0}
+        # sums in user order, not reply arrival order: reproducible
+        user_parts = {uid: split_groups(c) for uid, c in sorted(users.items())}
+        node_parts = [
+            split_groups({k: v for k, v in node.items() if k != protocol.NUM_EXAMPLES}) for node in nodes
+        ]
+        ordered = {uid: plain for uid, (plain, _) in user_parts.items()}
+        overall = _pooled(task, [plain for plain, _ in node_parts])
         answered = sum(int(node.get(protocol.NUM_EXAMPLES, 0)) for node in nodes)
         withheld = answered - int(overall["n"])
-        return cls(overall, per_user, history, ordered, withheld, missing or Missing())
+        groups = {}
+        for group in QUERY_GROUPS:
+            counts = {uid: parts[group] for uid, (_, parts) in user_parts.items() if group in parts}
+            reported = [parts[group] for _, parts in node_parts if group in parts]
+            if counts or reported:
+                groups[group] = {
+                    "overall": _pooled(task, reported),
+                    "users": {uid: metrics_from_counts(task, c) for uid, c in counts.items()},
+                    "counts": counts,
+                }
+        per_user = {uid: metrics_from_counts(task, c) for uid, c in ordered.items()}
+        return cls(overall, per_user, history, ordered, withheld, missing or Missing(), groups)
+
+
+def _pooled(task: Task, records: list[dict[str, float]]) -> dict[str, float]:
+    """Exact metrics over the nodes' summed counts, summed in an order free of the replies' arrival."""
+    reported = sorted((r for r in records if "n" in r), key=lambda counts: json.dumps(counts, sort_keys=True))
+    return metrics_from_counts(task, merge_counts(*reported)) if reported else {"n": 0}
 
 
 class RunRecorder:
@@ -131,6 +152,8 @@ class RunRecorder:
         }
         if evaluation.withheld:
             self.data["methods"][name]["withheld"] = evaluation.withheld
+        if evaluation.groups:
+            self.data["methods"][name]["groups"] = evaluation.groups
         self.data["history"].update(evaluation.history)
         self.save()
 

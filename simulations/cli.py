@@ -73,8 +73,9 @@ def simulate_command(args: argparse.Namespace) -> int:
     if args.methods:
         methods, centralized = expand_methods(args.methods)
         overrides.append(f'methods="{methods}"')
-    config = load_run_config(args.config, overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, config.task or "data")
+    config = load_run_config(args.config, overrides, preset=args.preset)
+    name = args.study or config.task or "data"
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, name)
     config = config.replace(run_dir=str(run_dir))
     with resumable(run_dir):
         if args.seeds > 1:
@@ -101,10 +102,9 @@ def resumable(run_dir: Path) -> Iterator[None]:
 
 def build_parser() -> argparse.ArgumentParser:
     from client import commands as node_commands
-    from common.cli import add_run_config_arguments
     from server import commands as server_commands
     from simulations import data_commands, privacy_commands
-    from simulations.engine_options import add_engine_arguments
+    from simulations.studies import STUDIES
 
     parser = argparse.ArgumentParser(
         prog="fedoppu",
@@ -127,17 +127,47 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the ServerApp and ClientApp of this app in Flower's simulation engine. Settings come "
         "from [tool.flwr.app.config] in pyproject.toml, then --config, then --set.",
     )
-    add_run_config_arguments(sim)
-    sim.add_argument(
+    add_simulate_arguments(sim)
+    sim.set_defaults(func=simulate_command, preset=None, study=None)
+
+    study = commands.add_parser("study", help="a simulated federation set up to answer one question")
+    studies = study.add_subparsers(dest="study", required=True, metavar="STUDY")
+    for name, spec in STUDIES.items():
+        preset = ", ".join(f"{key}={value}" for key, value in spec.preset.items())
+        one = studies.add_parser(
+            name,
+            help=spec.help,
+            description=f"{spec.question} Run config: pyproject's, then the study's ({preset}), then "
+            "--config, then --set. Each number comes with its 95% interval over users.",
+        )
+        add_simulate_arguments(one)
+        one.set_defaults(func=simulate_command, preset=spec.preset)
+
+    data_commands.register(commands)
+    privacy_commands.register(commands)
+    server_commands.register(commands)
+    node_commands.register(commands)
+    return parser
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `simulate` and each study take: run config, methods, where results go, seeds, engine."""
+    from common.cli import add_run_config_arguments
+    from simulations.engine_options import add_engine_arguments
+
+    add_run_config_arguments(parser)
+    parser.add_argument(
         "--methods",
         help="comma list of zero-shot, rag, shared, local, oppu, oppu-rag, oppu-pag, centralized; or 'all'",
     )
-    sim.add_argument(
+    parser.add_argument(
         "--results-dir", default="results", help="where run directories are created (default: results)"
     )
-    sim.add_argument("--run-dir", help="exact run directory (default: results/<timestamp>-<task>)")
-    sim.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpointed round")
-    sim.add_argument(
+    parser.add_argument("--run-dir", help="exact run directory (default: results/<timestamp>-<name>)")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpointed round"
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         default=1,
@@ -145,14 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat the run with seeds seed..seed+N-1 and report each number's mean and spread; "
         "rerunning the same --run-dir continues it",
     )
-    add_engine_arguments(sim)
-    sim.set_defaults(func=simulate_command)
-
-    data_commands.register(commands)
-    privacy_commands.register(commands)
-    server_commands.register(commands)
-    node_commands.register(commands)
-    return parser
+    add_engine_arguments(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.data import Dataset
+from common.data import QUERY_GROUPS, Dataset
 from common.io import DataError
 from common.loaders import load_dataset
 from common.synthetic import BUILTIN_TASKS, BenchmarkConfig, make_benchmark, write_benchmark
@@ -100,6 +101,11 @@ def print_summary(dataset: Dataset, title: str) -> None:
     table.add_row("history per user", _spread(history))
     table.add_row("history items", str(sum(history)))
     table.add_row("queries", f"{sum(queries)} ({_spread(queries)} per user)")
+    groups = Counter(group for user in dataset.users for group in user.query_groups.values())
+    if groups:
+        table.add_row(
+            "query groups", ", ".join(f"{group} {groups[group]}" for group in QUERY_GROUPS if group in groups)
+        )
     console = Console()
     console.print(table)
     user = dataset.users[0]

@@ -21,7 +21,8 @@ from rich.table import Table
 
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from common.tasks import get_task
-from simulations.statistics import GROUPS, Estimate, history_groups, seed_spread, summarize
+from simulations import behaviour_shift
+from simulations.statistics import GROUPS, Estimate, find_difference, history_groups, seed_spread, summarize
 
 ORDER = (
     "zero-shot",
@@ -60,6 +61,8 @@ def summary_rows(metrics: dict) -> list[dict]:
         interval = intervals.get(method, {}).get(primary)
         row[f"{primary}_lo"] = interval["lo"] if interval else None
         row[f"{primary}_hi"] = interval["hi"] if interval else None
+        if behaviour_shift.has_groups(metrics):
+            row.update(behaviour_shift.summary_columns(metrics, method))
         row.update(
             users=len(entry["users"]),  # the users it was scored on
             missing=len(entry.get("missing", {}).get("users", [])),  # users it could not reach
@@ -160,12 +163,6 @@ def plot_rounds(metrics: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
-def _difference(part: dict, first: str, second: str) -> dict | None:
-    return next(
-        (d for d in part.get("differences", []) if (d["first"], d["second"]) == (first, second)), None
-    )
-
-
 def plot_user_gain(metrics: dict, path: Path) -> bool:
     """Per-user gain of OPPU over the shared adapter, users grouped by history size; each group's
     pooled gain with its 95% interval (paired, users resampled). None where the nodes' policies
@@ -193,7 +190,7 @@ def plot_user_gain(metrics: dict, path: Path) -> bool:
         members = [uid for uid in gains if groups[uid] == group]
         offsets = jitter.uniform(-0.12, 0.12, len(members)) if len(members) > 1 else np.zeros(len(members))
         axis.scatter(index + offsets, [gains[uid] for uid in members], alpha=0.5, s=size)
-        pooled = _difference(by_group.get(group, {}), "oppu", "shared")
+        pooled = find_difference(by_group.get(group, {}), "oppu", "shared")
         if pooled is not None and pooled["lo"] is not None:
             value, lo, hi = (sign * pooled[k] for k in ("value", "lo", "hi"))
             axis.errorbar(index + 0.25, value, yerr=[[value - min(lo, hi)], [max(lo, hi) - value]],
@@ -241,12 +238,19 @@ def write_report(run_dir: str | Path, console: Console | None = None) -> list[di
         atomic_write_text(run_dir / "summary.csv", buffer.getvalue())
         plot_methods(metrics, run_dir / "methods.png")
         plot_user_gain(metrics, run_dir / "user_gain.png")
+        if behaviour_shift.has_groups(metrics):
+            save_figure(behaviour_shift.plot(metrics, _methods(metrics)), run_dir / "behaviour_shift.png")
     if metrics.get("rounds"):
         plot_rounds(metrics, run_dir / "rounds.png")
     if console is not None:
         console.print(summary_table(metrics, rows))
         if metrics.get("uncertainty", {}).get("differences"):
             console.print(differences_table(metrics))
+        if behaviour_shift.has_groups(metrics):
+            console.print(behaviour_shift.methods_table(metrics, _methods(metrics)))
+            console.print(behaviour_shift.differences_table(metrics))
+            for line in behaviour_shift.answer_lines(metrics):
+                console.print(escape(line))
         if line := round_time_line(metrics):
             console.print(line)
         for line in failure_lines(metrics):
@@ -266,9 +270,8 @@ def summary_table(metrics: dict, rows: list[dict]) -> Table:
         "95% interval over users"
     )
     intervals = metrics.get("uncertainty", {}).get("methods", {})
-    columns = [
-        c for c in (rows[0] if rows else {"method": None}) if c not in (f"{primary}_lo", f"{primary}_hi")
-    ]
+    # the primary metric's interval and its query groups' columns (behaviour_shift's table) stay in the csv
+    columns = [c for c in (rows[0] if rows else {"method": None}) if not c.startswith(f"{primary}_")]
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
@@ -296,7 +299,7 @@ def differences_table(metrics: dict) -> Table:
         users = max((d["users"] for d in part.get("differences", [])), default=0)
         table.add_column(f"{label} (n={users})", justify="right")
     for first, second in [(d["first"], d["second"]) for d in uncertainty["differences"]]:
-        found = [_difference(part, first, second) for part in parts.values()]
+        found = [find_difference(part, first, second) for part in parts.values()]
         table.add_row(f"{first} - {second}", *(Estimate.from_dict(d).text() if d else "-" for d in found))
     return table
 
@@ -313,24 +316,32 @@ def write_seeds_report(
     pairs = [(d["first"], d["second"]) for d in first.get("uncertainty", {}).get("differences", [])]
     differences = {
         f"{a} - {b}": seed_spread(
-            [_difference(r.get("uncertainty", {}), a, b)["value"] for r in runs.values()]
+            [find_difference(r.get("uncertainty", {}), a, b)["value"] for r in runs.values()]
         )
         for a, b in pairs
-        if all(_difference(r.get("uncertainty", {}), a, b) for r in runs.values())
+        if all(find_difference(r.get("uncertainty", {}), a, b) for r in runs.values())
     }
     result = {"metric": primary, "seeds": list(runs), "methods": spread, "differences": differences}
+    if all(behaviour_shift.has_groups(r) for r in runs.values()):
+        values = [behaviour_shift.seed_values(r) for r in runs.values()]
+        result["behaviour_shift"] = {
+            name: seed_spread([v[name] for v in values])
+            for name in values[0]
+            if all(name in v for v in values)
+        }
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / "seeds.json", result)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["row", "mean", "sd", "min", "max", "runs"])
     writer.writeheader()
-    writer.writerows({"row": name, **values} for name, values in {**spread, **differences}.items())
+    rows = {**spread, **differences, **result.get("behaviour_shift", {})}
+    writer.writerows({"row": name, **values} for name, values in rows.items())
     atomic_write_text(run_dir / "seeds.csv", buffer.getvalue())
     if console is not None:
         table = Table(title=f"{first['task']}: {primary} over seeds {list(runs)} (mean, sd, min..max)")
         for column in ("method or difference", "mean", "sd", "min .. max"):
             table.add_column(column, justify="left" if column.startswith("method") else "right")
-        for name, values in {**spread, **differences}.items():
+        for name, values in rows.items():
             table.add_row(
                 name,
                 f"{values['mean']:.4f}",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.data import IN_HISTORY, QUERY_GROUPS, SHIFTED
 from common.metrics import metrics_from_counts
 from common.tasks import Task
 
@@ -34,6 +35,9 @@ COMPARISONS = (
     ("oppu-pag", "oppu"),
     ("centralized", "oppu"),
 )
+# Behaviour shift (OPPU's paper): on queries whose topic the history does not cover, retrieval brings
+# back unrelated items; does retrieval lose more there than a personal adapter does?
+SHIFT_COMPARISONS = (("rag", "oppu"), ("oppu-rag", "oppu"))
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,13 @@ def ratio(
     return sampled_estimate(value, samples, users)
 
 
+def find_difference(part: Mapping, first: str, second: str) -> dict | None:
+    """The difference first - second among a summary part's `differences`, or None."""
+    return next(
+        (d for d in part.get("differences", []) if (d["first"], d["second"]) == (first, second)), None
+    )
+
+
 def history_groups(history: Mapping[str, int]) -> dict[str, str]:
     """Users split into light / medium / heavy thirds by history size."""
     ranked = sorted(history, key=lambda uid: (history[uid], uid))
@@ -140,46 +151,125 @@ def history_groups(history: Mapping[str, int]) -> dict[str, str]:
 def summarize(task: Task, metrics: Mapping, seed: int = 0, resamples: int = RESAMPLES) -> dict:
     """Intervals for every method's metrics, the paired differences of COMPARISONS, and both again per
     light / medium / heavy group; what the report prints and metrics.json keeps under `uncertainty`.
-    Each method is resampled over the users it was scored on, each difference over the users both were."""
+    Each method is resampled over the users it was scored on, each difference over the users both were.
+    Where the queries come in groups (the behaviour-shift benchmark) `query_groups` has the same per
+    query group, with SHIFT_COMPARISONS too, and `shift` each method's and each difference's change
+    from in-history to shifted queries (`shift_effects`)."""
     methods = {name: entry["counts"] for name, entry in metrics["methods"].items() if entry.get("counts")}
     groups = history_groups(metrics.get("history", {}))
     summary: dict = {"confidence": CONFIDENCE, "resamples": resamples, "unit": "user", "groups": {}}
     for group in (None, *GROUPS):
-
-        def member(uid: str, group: str | None = group) -> bool:
-            return group is None or groups.get(uid) == group
-
-        part: dict = {"methods": {}, "differences": []}
-        for name, counts in methods.items():
-            users = sorted(uid for uid in counts if member(uid))
-            if users:
-                weights = resample_weights(len(users), resamples, seed)
-                scored = [counts[uid] for uid in users]
-                part["methods"][name] = {
-                    metric: estimate(task, metric, scored, weights).as_dict()
-                    for metric in metrics_from_counts(task, scored[0])
-                    if metric != "n"
-                }
-        for better, than in COMPARISONS:
-            if better not in part["methods"] or than not in part["methods"]:
-                continue
-            users = sorted(uid for uid in methods[better] if uid in methods[than] and member(uid))
-            weights = resample_weights(len(users), resamples, seed)
-            diff = paired_difference(
-                task,
-                task.primary_metric,
-                [methods[better][uid] for uid in users],
-                [methods[than][uid] for uid in users],
-                weights,
-            )
-            part["differences"].append(
-                {"first": better, "second": than, "metric": task.primary_metric, **diff.as_dict()}
-            )
+        users = None if group is None else {uid for uid, g in groups.items() if g == group}
+        part = _part(task, methods, COMPARISONS, users, seed, resamples)
         if group is None:
             summary.update(part)
         elif part["methods"]:
             summary["groups"][group] = part
+    by_query = query_group_counts(metrics)
+    if by_query:
+        comparisons = SHIFT_COMPARISONS + COMPARISONS
+        summary["query_groups"] = {
+            group: _part(task, counts, comparisons, None, seed, resamples)
+            for group, counts in by_query.items()
+        }
+        summary["shift"] = shift_effects(task, by_query, comparisons, seed, resamples)
     return summary
+
+
+def _part(
+    task: Task,
+    methods: Mapping[str, Mapping[str, Mapping[str, float]]],
+    comparisons: Sequence[tuple[str, str]],
+    members: set[str] | None,
+    seed: int,
+    resamples: int,
+) -> dict:
+    """Each method's metrics with intervals and the paired differences of `comparisons`, over the users
+    in `members` (None: every user)."""
+    part: dict = {"methods": {}, "differences": []}
+    for name, counts in methods.items():
+        users = sorted(uid for uid in counts if members is None or uid in members)
+        if users:
+            weights = resample_weights(len(users), resamples, seed)
+            scored = [counts[uid] for uid in users]
+            part["methods"][name] = {
+                metric: estimate(task, metric, scored, weights).as_dict()
+                for metric in metrics_from_counts(task, scored[0])
+                if metric != "n"
+            }
+    for better, than in comparisons:
+        if better not in part["methods"] or than not in part["methods"]:
+            continue
+        users = sorted(
+            uid for uid in methods[better] if uid in methods[than] and (members is None or uid in members)
+        )
+        weights = resample_weights(len(users), resamples, seed)
+        diff = paired_difference(
+            task,
+            task.primary_metric,
+            [methods[better][uid] for uid in users],
+            [methods[than][uid] for uid in users],
+            weights,
+        )
+        part["differences"].append(
+            {"first": better, "second": than, "metric": task.primary_metric, **diff.as_dict()}
+        )
+    return part
+
+
+def query_group_counts(metrics: Mapping) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """{query group: {method: {user: counts}}} from metrics.json, in QUERY_GROUPS order; {} without groups."""
+    return {
+        group: {
+            name: entry["groups"][group]["counts"]
+            for name, entry in metrics["methods"].items()
+            if entry.get("groups", {}).get(group, {}).get("counts")
+        }
+        for group in QUERY_GROUPS
+        if any(group in entry.get("groups", {}) for entry in metrics["methods"].values())
+    }
+
+
+def shift_effects(
+    task: Task,
+    by_query: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
+    comparisons: Sequence[tuple[str, str]],
+    seed: int = 0,
+    resamples: int = RESAMPLES,
+) -> dict:
+    """What a behaviour shift does, on the users who have both kinds of query: each method's primary
+    metric on shifted minus in-history queries, and for each comparison (first, second) whose methods
+    both ran, how much more the first changes than the second: (first - second on shifted queries) -
+    (first - second on in-history queries). The same users are resampled for both query groups, so a
+    user's level cancels out."""
+    metric = task.primary_metric
+    before, after = by_query.get(IN_HISTORY, {}), by_query.get(SHIFTED, {})
+    result: dict = {"metric": metric, "methods": {}, "differences": []}
+
+    def users(*names: str) -> list[str]:
+        return sorted(set.intersection(*(set(before[n]) & set(after[n]) for n in names)))
+
+    def change(name: str, scored: list[str], weights: np.ndarray) -> tuple[float, np.ndarray]:
+        shifted = resampled(task, metric, [after[name][uid] for uid in scored], weights)
+        usual = resampled(task, metric, [before[name][uid] for uid in scored], weights)
+        return shifted[0] - usual[0], shifted[1] - usual[1]
+
+    for name in (n for n in after if n in before):
+        if scored := users(name):
+            weights = resample_weights(len(scored), resamples, seed)
+            result["methods"][name] = sampled_estimate(*change(name, scored, weights), len(scored)).as_dict()
+    for first, second in comparisons:
+        if (
+            first not in result["methods"]
+            or second not in result["methods"]
+            or not (scored := users(first, second))
+        ):
+            continue
+        weights = resample_weights(len(scored), resamples, seed)
+        (value_a, samples_a), (value_b, samples_b) = (change(n, scored, weights) for n in (first, second))
+        diff = sampled_estimate(value_a - value_b, samples_a - samples_b, len(scored))
+        result["differences"].append({"first": first, "second": second, "metric": metric, **diff.as_dict()})
+    return result
 
 
 def seed_spread(values: Sequence[float]) -> dict[str, float]:

@@ -48,12 +48,25 @@ def test_overrides_parse_toml_values_and_bare_words():
             "personal-gate-weights = '1,2'; expected a comma list of numbers in 0..1",
         ),
         ("hidden-cache-mb=-1", "hidden-cache-mb = -1; expected >= 0"),
+        ("benchmark-shifted-queries=-1", "benchmark-shifted-queries = -1; expected >= 0 (0 = off)"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_expectation(override, message):
     with pytest.raises(ConfigError, match=None) as err:
         load_run_config(overrides=[override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("other", ["task=rating", "data=../shared/data/commit-subjects-sympy"])
+def test_shifted_queries_need_the_builtin_tagging_benchmark(other):
+    assert load_run_config(overrides=["benchmark-shifted-queries=2"]).benchmark_shifted_queries == 2
+    with pytest.raises(ConfigError) as err:
+        load_run_config(overrides=["benchmark-shifted-queries=2", other])
+    assert (
+        "benchmark-shifted-queries = 2 needs the built-in benchmark (data = 'builtin') with task 'tagging'"
+        in str(err.value)
+    )
+    assert other.split("=")[1] in str(err.value)
 
 
 def test_precision_and_adapter_layers_take_a_word_or_a_value():

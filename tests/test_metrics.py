@@ -2,7 +2,16 @@ import math
 
 import pytest
 
-from common.metrics import compute_metrics, merge_counts, metric_counts, metrics_from_counts
+from common import protocol
+from common.data import IN_HISTORY, SHIFTED
+from common.metrics import (
+    compute_metrics,
+    grouped_metric_counts,
+    merge_counts,
+    metric_counts,
+    metrics_from_counts,
+    split_groups,
+)
 from common.tasks import TASKS
 
 
@@ -96,3 +105,26 @@ def test_no_predictions_gives_nan_metrics_with_n():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 predictions for 1 golds"):
         metric_counts(TASKS["LaMP-4"], ["a", "b"], ["a"])
+
+
+def test_query_groups_are_counted_apart_and_add_up_within_the_total():
+    task = TASKS["tagging"]
+    predictions = ["vexa", "orin", "talu", "kelso", "??", "vexa", "pelo"]
+    golds = ["vexa", "vexa", "talu", "kelso", "orin", "pelo", "pelo"]
+    groups = [IN_HISTORY, SHIFTED, SHIFTED, IN_HISTORY, None, SHIFTED, IN_HISTORY]
+    counts = grouped_metric_counts(task, predictions, golds, groups)
+    total, by_group = split_groups(counts)
+    assert total == metric_counts(task, predictions, golds)
+    for group in (IN_HISTORY, SHIFTED):
+        picked = [i for i, g in enumerate(groups) if g == group]
+        assert by_group[group] == metric_counts(
+            task, [predictions[i] for i in picked], [golds[i] for i in picked]
+        )
+    # every count of the groups sums to the total's over the grouped answers; the ungrouped one is in the total only
+    summed = merge_counts(*by_group.values())
+    assert summed == merge_counts(
+        total, {key: -value for key, value in metric_counts(task, ["??"], ["orin"]).items()}
+    )
+    assert (summed["n"], summed["correct"]) == (6, 4)
+    assert set(counts) <= protocol.evaluate_metric_names(task, labels=True, history=False)
+    assert grouped_metric_counts(task, predictions, golds, [None] * 7) == total

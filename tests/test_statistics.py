@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 
+from common.data import IN_HISTORY, SHIFTED
 from common.metrics import metric_counts
 from common.tasks import TASKS
 from simulations.statistics import (
     estimate,
+    find_difference,
     history_groups,
     paired_difference,
     resample_weights,
@@ -115,3 +117,47 @@ def test_history_groups_are_thirds_and_seed_spread():
     assert groups["c"] == groups["e"] == "heavy"
     spread = seed_spread([0.4, 0.5, 0.6])
     assert spread == pytest.approx({"mean": 0.5, "sd": 0.1, "min": 0.4, "max": 0.6, "runs": 3})
+
+
+def _shift_metrics(users=6):
+    """rag loses half its accuracy on shifted queries for half the users, everything for the others;
+    oppu loses a quarter for everyone."""
+    ids = [f"u{i}" for i in range(users)]
+
+    def method(in_history, shifted):
+        groups = {
+            IN_HISTORY: {uid: {"n": 4, "correct": in_history} for uid in ids},
+            SHIFTED: {uid: {"n": 4, "correct": shifted(i)} for i, uid in enumerate(ids)},
+        }
+        counts = {uid: {"n": 8, "correct": in_history + shifted(i)} for i, uid in enumerate(ids)}
+        return {"counts": counts, "groups": {g: {"counts": c} for g, c in groups.items()}}
+
+    return {
+        "task": "tagging",
+        "methods": {"rag": method(3, lambda i: 0 if i < users // 2 else 2), "oppu": method(3, lambda i: 2)},
+    }
+
+
+def test_the_shift_changes_each_method_and_difference_on_the_same_users():
+    summary = summarize(TAGGING, _shift_metrics(), resamples=500)
+    shifted = summary["query_groups"][SHIFTED]
+    assert shifted["methods"]["rag"]["accuracy"]["value"] == 0.25
+    assert find_difference(summary["query_groups"][IN_HISTORY], "rag", "oppu")["value"] == 0.0
+    assert find_difference(shifted, "rag", "oppu")["value"] == -0.25
+    oppu = summary["shift"]["methods"]["oppu"]
+    assert (oppu["value"], oppu["lo"], oppu["hi"], oppu["users"]) == (-0.25, -0.25, -0.25, 6)
+    change = find_difference(summary["shift"], "rag", "oppu")
+    # per user rag - oppu changes by -0.5 or 0: the pooled change is their mean, and resampling users
+    # spreads it
+    assert change["value"] == pytest.approx(-0.25) and change["users"] == 6
+    assert change["lo"] < -0.3 and change["hi"] > -0.2
+    assert "query_groups" not in summarize(TAGGING, _metrics(), resamples=50)
+
+
+def test_the_shift_is_measured_on_the_users_with_both_kinds_of_query():
+    metrics = _shift_metrics()
+    del metrics["methods"]["rag"]["groups"][SHIFTED]["counts"]["u0"]
+    summary = summarize(TAGGING, metrics, resamples=100)
+    assert summary["shift"]["methods"]["rag"]["users"] == 5
+    assert summary["shift"]["methods"]["oppu"]["users"] == 6
+    assert find_difference(summary["shift"], "rag", "oppu")["users"] == 5

@@ -1,13 +1,17 @@
+import hashlib
+import json
 import time
 from collections import Counter, defaultdict
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
 from common.config import load_run_config
+from common.data import IN_HISTORY, SHIFTED
+from common.io import DataError
 from common.loaders import load_dataset
 from common.metrics import compute_metrics
-from common.synthetic import BUILTIN_TASKS, BenchmarkConfig, make_benchmark, write_benchmark
+from common.synthetic import BUILTIN_TASKS, SHIFT_THEMES, BenchmarkConfig, make_benchmark, write_benchmark
 from common.tasks import BUILTIN_TAGS, TASKS
 from simulations import data_commands
 
@@ -92,6 +96,46 @@ def test_benchmark_shape_and_determinism(task):
     ]
 
 
+# Each task's benchmark as it was drawn before behaviour shift existed (sha256 of every item, users in
+# order): what `shifted_queries = 0` must keep drawing, bit for bit.
+UNSHIFTED = {"tagging": "cafced17ee29d501", "rating": "7614c26c142070e7", "title": "6c0f8c73dfaccfde"}
+
+
+@pytest.mark.parametrize("task", BUILTIN_TASKS)
+def test_without_shifted_queries_the_benchmark_is_unchanged(task):
+    dataset = make_benchmark(BenchmarkConfig(task=task, num_users=20, personal_strength=0.5, seed=3))
+    payload = json.dumps([[asdict(i) for i in u.history + u.queries] for u in dataset.users], sort_keys=True)
+    assert hashlib.sha256(payload.encode()).hexdigest()[:16] == UNSHIFTED[task]
+    assert not any(user.query_groups for user in dataset.users)
+
+
+def test_shifted_queries_are_on_themes_the_history_never_shows():
+    config = BenchmarkConfig(
+        num_users=40, queries_per_user=4, shifted_queries=3, personal_strength=1.0, seed=5
+    )
+    dataset = make_benchmark(config)
+    assert make_benchmark(config) == dataset
+    theme = population_answers(config)  # the population's tag names the theme: one tag per theme
+    for user in dataset.users:
+        shown = {theme[item.id] for item in user.history}
+        assert len(shown) <= len(BUILTIN_TAGS) - SHIFT_THEMES  # the least liked themes are left out
+        groups = [user.query_group(query) for query in user.queries]
+        assert groups == [IN_HISTORY] * 4 + [SHIFTED] * 3
+        for query, group in zip(user.queries, groups, strict=True):
+            assert (theme[query.id] in shown) == (group == IN_HISTORY), (user.user_id, query.id)
+            assert query.date is None
+        # at strength 1 every theme is relabeled, the unseen ones too: a tag no history shows
+        assert all(query.output != theme[query.id] for query in user.queries)
+    assert len({len(user.history) for user in dataset.users}) > 10  # light to heavy users, as without
+
+
+def test_a_shift_needs_tagging():
+    with pytest.raises(ValueError, match="shifted_queries needs task tagging, not 'rating'"):
+        BenchmarkConfig(task="rating", shifted_queries=2)
+    with pytest.raises(ValueError, match="shifted_queries must be >= 0"):
+        BenchmarkConfig(shifted_queries=-1)
+
+
 @pytest.mark.parametrize("task", BUILTIN_TASKS)
 def test_text_is_varied_and_short(task):
     dataset = make_benchmark(BenchmarkConfig(task=task, num_users=20))
@@ -130,13 +174,23 @@ def test_config_rejects_bad_knobs(change, message):
         BenchmarkConfig(**change)
 
 
-@pytest.mark.parametrize("task", BUILTIN_TASKS)
-def test_written_benchmark_loads_back_unchanged(tmp_path, task):
-    dataset = make_benchmark(BenchmarkConfig(task=task, num_users=3, min_history=4, max_history=9))
+@pytest.mark.parametrize(("task", "shifted"), [*((task, 0) for task in BUILTIN_TASKS), ("tagging", 2)])
+def test_written_benchmark_loads_back_unchanged(tmp_path, task, shifted):
+    config = BenchmarkConfig(task=task, num_users=3, min_history=4, max_history=9, shifted_queries=shifted)
+    dataset = make_benchmark(config)
     write_benchmark(dataset, tmp_path / "bench")
     loaded = load_dataset(tmp_path / "bench")
     assert (loaded.task, loaded.users) == (dataset.task, dataset.users)
     assert "Synthetic" in (tmp_path / "bench" / "README.md").read_text()
+
+
+def test_a_query_group_outside_the_vocabulary_is_refused(tmp_path):
+    write_benchmark(make_benchmark(BenchmarkConfig(num_users=2, shifted_queries=1)), tmp_path)
+    users = json.loads((tmp_path / "user_history.json").read_text())
+    users[1]["query"][0]["group"] = "holiday"
+    (tmp_path / "user_history.json").write_text(json.dumps(users))
+    with pytest.raises(DataError, match=r"user 1 .*query\[0\].*field 'group' is 'holiday'; expected one of"):
+        load_dataset(tmp_path)
 
 
 def _run(*argv):
@@ -176,3 +230,16 @@ def test_make_benchmark_command(tmp_path, capsys):
 
 def test_the_benchmarks_defaults_are_the_run_configs():
     assert BenchmarkConfig() == BenchmarkConfig.from_run_config(load_run_config())
+
+
+def test_make_benchmark_command_writes_and_shows_query_groups(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert (
+        _run("data", "make-benchmark", "--shifted-queries", "2", "--num-users", "3", "--out", str(out)) == 0
+    )
+    assert "in-history 24, shifted 6" in capsys.readouterr().out
+    loaded = load_dataset(out)
+    assert Counter(g for user in loaded.users for g in user.query_groups.values()) == {
+        IN_HISTORY: 24,
+        SHIFTED: 6,
+    }
