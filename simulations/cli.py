@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import shlex
@@ -59,9 +60,16 @@ def _version(package: str) -> str:
 
 
 def simulate_command(args: argparse.Namespace) -> int:
-    from common.config import load_run_config
+    from common.config import ConfigError, load_run_config
     from simulations.engine_options import EngineOptions
-    from simulations.simulate import expand_methods, new_run_dir, resume, simulate, simulate_seeds
+    from simulations.simulate import (
+        expand_methods,
+        new_run_dir,
+        resume,
+        simulate,
+        simulate_seeds,
+        simulate_variants,
+    )
 
     engine = EngineOptions.from_args(args)
     if args.resume:
@@ -78,7 +86,22 @@ def simulate_command(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, name)
     config = config.replace(run_dir=str(run_dir))
     with resumable(run_dir):
-        if args.seeds > 1:
+        if args.variants:
+            if args.seeds > 1:
+                raise ConfigError(
+                    f"fedoppu study {args.study}: --seeds {args.seeds}; a study of variants runs one seed "
+                    "(set it with --set seed=N)"
+                )
+            variants = {
+                variant: load_run_config(
+                    args.config,
+                    overrides + [f"{k}={json.dumps(v)}" for k, v in keys.items()],
+                    preset=args.preset,
+                ).replace(run_dir=str(run_dir / variant))
+                for variant, keys in args.variants.items()
+            }
+            simulate_variants(variants, run_dir, centralized=centralized, engine=engine)
+        elif args.seeds > 1:
             simulate_seeds(config, args.seeds, centralized=centralized, engine=engine)
         else:
             simulate(config, centralized=centralized, engine=engine)
@@ -128,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from [tool.flwr.app.config] in pyproject.toml, then --config, then --set.",
     )
     add_simulate_arguments(sim)
-    sim.set_defaults(func=simulate_command, preset=None, study=None)
+    sim.set_defaults(func=simulate_command, preset=None, study=None, variants=None)
 
     study = commands.add_parser("study", help="a simulated federation set up to answer one question")
     studies = study.add_subparsers(dest="study", required=True, metavar="STUDY")
@@ -138,10 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=spec.help,
             description=f"{spec.question} Run config: pyproject's, then the study's ({preset}), then "
-            "--config, then --set. Each number comes with its 95% interval over users.",
+            "--config, then --set"
+            + (f", then each variant's ({', '.join(spec.variants)})" if spec.variants else "")
+            + ". Each number comes with its 95% interval over users.",
         )
         add_simulate_arguments(one)
-        one.set_defaults(func=simulate_command, preset=spec.preset)
+        one.set_defaults(func=simulate_command, preset=spec.preset, variants=spec.variants)
 
     data_commands.register(commands)
     privacy_commands.register(commands)

@@ -37,7 +37,7 @@ ORDER = (
 )
 
 
-def _methods(metrics: dict) -> list[str]:
+def reported_methods(metrics: dict) -> list[str]:
     present = metrics["methods"]
     return [m for m in ORDER if m in present] + sorted(set(present) - set(ORDER))
 
@@ -55,7 +55,7 @@ def summary_rows(metrics: dict) -> list[dict]:
     primary = metrics["primary_metric"]
     intervals = metrics.get("uncertainty", {}).get("methods", {})
     rows = []
-    for method in _methods(metrics):
+    for method in reported_methods(metrics):
         entry = metrics["methods"][method]
         row = {"method": method, **{n: entry["overall"].get(n) for n in names}}
         interval = intervals.get(method, {}).get(primary)
@@ -84,7 +84,7 @@ def save_figure(figure, path: Path) -> None:
 def plot_methods(metrics: dict, path: Path) -> None:
     """Each method's primary metric with its 95% interval as an error bar."""
     key = metrics["primary_metric"]
-    methods = _methods(metrics)
+    methods = reported_methods(metrics)
     values = [metrics["methods"][m]["overall"].get(key, float("nan")) for m in methods]
     intervals = metrics.get("uncertainty", {}).get("methods", {})
     bounds = [Estimate.from_dict(intervals[m][key]) if m in intervals else None for m in methods]
@@ -239,7 +239,9 @@ def write_report(run_dir: str | Path, console: Console | None = None) -> list[di
         plot_methods(metrics, run_dir / "methods.png")
         plot_user_gain(metrics, run_dir / "user_gain.png")
         if behaviour_shift.has_groups(metrics):
-            save_figure(behaviour_shift.plot(metrics, _methods(metrics)), run_dir / "behaviour_shift.png")
+            save_figure(
+                behaviour_shift.plot(metrics, reported_methods(metrics)), run_dir / "behaviour_shift.png"
+            )
     if metrics.get("rounds"):
         plot_rounds(metrics, run_dir / "rounds.png")
     if console is not None:
@@ -247,7 +249,7 @@ def write_report(run_dir: str | Path, console: Console | None = None) -> list[di
         if metrics.get("uncertainty", {}).get("differences"):
             console.print(differences_table(metrics))
         if behaviour_shift.has_groups(metrics):
-            console.print(behaviour_shift.methods_table(metrics, _methods(metrics)))
+            console.print(behaviour_shift.methods_table(metrics, reported_methods(metrics)))
             console.print(behaviour_shift.differences_table(metrics))
             for line in behaviour_shift.answer_lines(metrics):
                 console.print(escape(line))
@@ -311,7 +313,7 @@ def write_seeds_report(
     runs = {seed: read_json(Path(path) / "metrics.json") for seed, path in seed_dirs.items()}
     first = next(iter(runs.values()))
     primary = first["primary_metric"]
-    methods = [m for m in _methods(first) if all(m in r["methods"] for r in runs.values())]
+    methods = [m for m in reported_methods(first) if all(m in r["methods"] for r in runs.values())]
     spread = {m: seed_spread([r["methods"][m]["overall"][primary] for r in runs.values()]) for m in methods}
     pairs = [(d["first"], d["second"]) for d in first.get("uncertainty", {}).get("differences", [])]
     differences = {

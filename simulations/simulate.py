@@ -19,6 +19,7 @@ from simulations.engine import run_federation
 from simulations.engine_options import DEFAULT_ENGINE, EngineOptions
 from simulations.placement import place_clients
 from simulations.report import write_report, write_seeds_report
+from simulations.variants import write_variants_report
 
 ALL = "all"
 
@@ -114,6 +115,24 @@ def simulate_seeds(
             simulate(config.replace(seed=seed, run_dir=str(seed_dir)), centralized=centralized, engine=engine)
         seed_dirs[seed] = seed_dir
     write_seeds_report(run_dir, seed_dirs, console)
+    return run_dir
+
+
+def simulate_variants(
+    configs: dict[str, RunConfig], run_dir: Path, *, centralized: bool, engine: EngineOptions = DEFAULT_ENGINE
+) -> Path:
+    """One run per variant ({name: its config, run-dir <run_dir>/<name>}), then their comparison with
+    the first (simulations/variants.py: <run_dir>/variants.json, variants.csv, variants.png). A finished
+    variant is not run again."""
+    variant_dirs = {}
+    for index, (name, config) in enumerate(configs.items()):
+        variant_dir = Path(config.run_dir)
+        metrics = variant_dir / "metrics.json"
+        if not (metrics.exists() and read_json(metrics).get("status") == "complete"):
+            console.rule(f"[bold]{name}[/] ({index + 1} of {len(configs)})")
+            simulate(config, centralized=centralized, engine=engine)
+        variant_dirs[name] = variant_dir
+    write_variants_report(run_dir, variant_dirs, baseline=next(iter(configs)), console=console)
     return run_dir
 
 

@@ -4,7 +4,7 @@ Kept free of heavy imports: the command line's parser reads it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -13,6 +13,9 @@ class Study:
     help: str
     question: str
     preset: dict[str, Any]  # over pyproject's run config; --config and --set apply on top
+    # One federation per variant, each with these keys over the rest (the setting the study varies),
+    # in <run-dir>/<variant>/, compared with the first (simulations/variants.py); none: one federation.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 STUDIES = {
@@ -26,5 +29,14 @@ STUDIES = {
         "usual (in-history) queries, and the report answers: does retrieval (rag, oppu-rag) lose more "
         "than OPPU's personal adapter when the topic is new?",
         preset={"benchmark-shifted-queries": 8, "methods": "zero-shot,rag,shared,oppu,oppu-rag"},
+    ),
+    # OPPU's paper, "PEFT versatility": the same federation with both adapters as LoRA, DoRA and IA3.
+    "peft-types": Study(
+        help="the same federation with the adapters as LoRA, DoRA and IA3 (OPPU's PEFT versatility)",
+        question="The default federation once per PEFT type of the shared and personal adapters (peft-type: "
+        "lora, dora, ia3), on the same users, queries and seed; the report gives every method per type and "
+        "each type minus LoRA, paired over users: does OPPU's gain hold whatever the PEFT module?",
+        preset={"methods": "zero-shot,shared,local,oppu"},
+        variants={name: {"peft-type": name} for name in ("lora", "dora", "ia3")},
     ),
 }

@@ -1,0 +1,105 @@
+"""A study of variants: one federation per variant of a setting, compared with the first one by paired
+differences over the same users (simulations/variants.py), and `fedoppu study peft-types` wiring."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.io import atomic_write_json, read_json
+from common.tasks import get_task
+from simulations.cli import main
+from simulations.statistics import summarize
+from simulations.variants import compare_variants, write_variants_report
+
+USERS = [f"u{i:03d}" for i in range(10)]
+
+
+def _metrics(correct: dict[str, list[int]]) -> dict:
+    """A finished run's metrics.json with these per-user correct answers (of 8) per method."""
+    methods = {
+        method: {
+            "overall": {"n": 8 * len(values), "accuracy": sum(values) / (8 * len(values))},
+            "counts": {user: {"n": 8, "correct": c} for user, c in zip(USERS, values, strict=True)},
+        }
+        for method, values in correct.items()
+    }
+    metrics = {
+        "task": "tagging",
+        "primary_metric": "accuracy",
+        "higher_is_better": True,
+        "status": "complete",
+        "methods": methods,
+        "history": {user: 16 + i for i, user in enumerate(USERS)},
+    }
+    metrics["uncertainty"] = summarize(get_task("tagging"), metrics, resamples=200)
+    return metrics
+
+
+def test_each_variant_is_compared_with_the_baseline_on_the_same_users():
+    base = [2, 3, 4, 2, 5, 3, 4, 6, 2, 3]
+    runs = {
+        "lora": _metrics({"oppu": base, "shared": base}),
+        # every user one answer better: the paired difference is exactly 1/8 in every resample
+        "dora": _metrics({"oppu": [c + 1 for c in base], "shared": base}),
+        "ia3": _metrics({"oppu": base}),  # no shared row: shared is left out of the comparison
+    }
+    result = compare_variants(runs, baseline="lora")
+    assert list(result["methods"]) == ["oppu"]
+    assert set(result["differences"]["oppu"]) == {"dora", "ia3"}  # the baseline is not compared with itself
+    dora = result["differences"]["oppu"]["dora"]
+    assert dora["value"] == pytest.approx(1 / 8)
+    assert dora["lo"] == pytest.approx(1 / 8) and dora["hi"] == pytest.approx(1 / 8)
+    assert result["differences"]["oppu"]["ia3"]["value"] == 0.0
+    assert result["methods"]["oppu"]["dora"]["value"] == pytest.approx(sum(base) / 80 + 1 / 8)
+
+
+def test_the_study_runs_one_federation_per_variant_with_its_keys_and_writes_the_comparison(
+    tmp_path, monkeypatch
+):
+    ran = []
+
+    def fake_simulate(config, *, centralized, engine):
+        ran.append((config.peft_type, config.method_list, Path(config.run_dir)))
+        better = 1 if config.peft_type == "ia3" else 0
+        atomic_write_json(
+            Path(config.run_dir) / "metrics.json",
+            _metrics({m: [3 + better] * len(USERS) for m in config.method_list}),
+        )
+        return Path(config.run_dir)
+
+    monkeypatch.setattr("simulations.simulate.simulate", fake_simulate)
+    run_dir = tmp_path / "study"
+    args = ["study", "peft-types", "--run-dir", str(run_dir), "--set", "peft-type='dora'"]
+    assert main(args) == 0
+    # each variant's key wins over --set (it is what the study varies); the preset's methods apply
+    assert [(peft, path.name) for peft, _, path in ran] == [
+        ("lora", "lora"),
+        ("dora", "dora"),
+        ("ia3", "ia3"),
+    ]
+    assert all(methods == ["zero-shot", "shared", "local", "oppu"] for _, methods, _ in ran)
+    result = read_json(run_dir / "variants.json")
+    assert result["baseline"] == "lora"
+    assert result["differences"]["oppu"]["ia3"]["value"] == pytest.approx(1 / 8)
+    assert (run_dir / "variants.csv").read_text().splitlines()[0].startswith("method,variant,accuracy")
+    assert (run_dir / "variants.png").stat().st_size > 0
+    # a finished variant is not run again: rerunning the same command only reports
+    ran.clear()
+    assert main(args) == 0
+    assert ran == []
+
+
+def test_a_study_of_variants_refuses_seeds(tmp_path, capsys):
+    assert main(["study", "peft-types", "--run-dir", str(tmp_path / "s"), "--seeds", "2"]) == 2
+    assert "a study of variants runs one seed" in capsys.readouterr().err
+
+
+def test_the_report_files_are_written_from_the_variants_runs(tmp_path):
+    dirs = {}
+    for name, shift in (("lora", 0), ("ia3", -1)):
+        dirs[name] = tmp_path / name
+        atomic_write_json(dirs[name] / "metrics.json", _metrics({"oppu": [4 + shift] * len(USERS)}))
+    result = write_variants_report(tmp_path, dirs, baseline="lora")
+    assert json.loads((tmp_path / "variants.json").read_text()) == result
+    assert result["differences"]["oppu"]["ia3"]["value"] == pytest.approx(-1 / 8)
