@@ -25,7 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common import protocol
-from common.adapters import AdapterSpec, StateDict, initial_adapter, on_the_wire
+from common.adapters import AdapterSpecs, StateDict, initial_adapter, on_the_wire
 from common.cli import console
 from common.config import RunConfig
 from common.methods import METHODS
@@ -121,7 +121,7 @@ class Federation:
         self.grid = grid
         self.config = config
         self.task = get_task(config.task)
-        self.spec = AdapterSpec.from_config(config)
+        self.spec = AdapterSpecs.from_config(config).shared  # the personal adapters are the clients' own
         self.node_ids = wait_for_nodes(grid, config.min_nodes, config.timeout("min-nodes"))
         self.checkpoints = CheckpointStore(config.run_dir)
         self.recorder = RunRecorder(config.run_dir, self.task, resume=config.resume)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from client.inference import answer_users
 from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import GateDecision, PersonalAdapterStore
-from common.adapters import AdapterSpec, fresh_adapter_from_config, state_digest
+from common.adapters import AdapterSpec, AdapterSpecs, fresh_adapter_from_config, state_digest
 from common.config import load_run_config
 from server.checkpoints import CheckpointStore
 
@@ -109,7 +109,12 @@ def test_store_round_trip_loads_with_plain_peft(resident, tokenizer, tmp_path):
     store = PersonalAdapterStore(tmp_path)
     personal = _random_adapter(resident, PERSONAL, 5)
     record = store.save(
-        "oppu", "u/1 odd id", personal, resident.spec.peft_config(), shared_digest="abc", data_fingerprint="f"
+        "oppu",
+        "u/1 odd id",
+        personal,
+        resident.specs.personal.peft_config(),
+        shared_digest="abc",
+        data_fingerprint="f",
     )
     loaded_record, loaded = store.load("oppu", "u/1 odd id")
     assert loaded_record == record and len(Path(record.path).parts) == 4  # adapters/oppu/<user>/<version>
@@ -136,12 +141,12 @@ def test_answers_are_the_same_after_saving_and_loading_both_adapters(resident, t
     options = {"max_new_tokens": 5, "max_prompt_tokens": 32}
     resident.load(SHARED, shared)
     before = answer_users(resident, prompts, [personal, None], **options)
-    config = resident.spec.peft_config()
+    config = resident.specs.personal.peft_config()
     CheckpointStore(tmp_path / "run").save(1, shared, config)
     store = PersonalAdapterStore(tmp_path / "node")
     store.save("oppu", "u0", personal, config, shared_digest=state_digest(shared), data_fingerprint="f")
 
-    restarted = ResidentModel(tiny_llama(tokenizer), tokenizer, resident.spec)
+    restarted = ResidentModel(tiny_llama(tokenizer), tokenizer, resident.specs)
     assert answer_users(restarted, prompts, [None, None], **options) != before  # the adapters matter
     _, saved_shared, _ = CheckpointStore(tmp_path / "run").latest()
     restarted.load(SHARED, saved_shared)
@@ -151,7 +156,7 @@ def test_answers_are_the_same_after_saving_and_loading_both_adapters(resident, t
 def test_the_gate_decision_is_kept_in_the_manifest_and_the_users_export(resident, tmp_path):
     store = PersonalAdapterStore(tmp_path / "node")
     state = resident.fresh(PERSONAL, 1)
-    config = resident.spec.peft_config()
+    config = resident.specs.personal.peft_config()
     gate = GateDecision(
         "mix:x", shared_weight=0.5, uses_personal=True, epochs=1.5, holdout_loss=2.25, holdout_items=3
     )
@@ -170,7 +175,7 @@ def test_the_gate_decision_is_kept_in_the_manifest_and_the_users_export(resident
 def test_store_detects_corruption_and_deletes_every_trace(resident, tmp_path):
     store = PersonalAdapterStore(tmp_path)
     state = resident.fresh(PERSONAL, 1)
-    config = resident.spec.peft_config()
+    config = resident.specs.personal.peft_config()
     record = store.save("oppu", "u1", state, config, shared_digest="a", data_fingerprint="b")
     store.save("local", "u1", state, config, shared_digest="none", data_fingerprint="b")
     store.save("oppu", "u2", state, config, shared_digest="a", data_fingerprint="b")
@@ -187,7 +192,7 @@ def test_the_first_shared_adapter_comes_from_the_config_alone(resident, tiny_mod
         raise AssertionError("the base weights were loaded")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
-    from_config = fresh_adapter_from_config(str(tiny_model_dir), resident.spec, seed=7)
+    from_config = fresh_adapter_from_config(str(tiny_model_dir), resident.specs.shared, seed=7)
     expected = resident.fresh(SHARED, seed=7)
     assert list(from_config) == list(expected)
     assert all(torch.equal(from_config[k], expected[k]) for k in expected)
@@ -199,7 +204,7 @@ def test_ia3_scales_the_input_of_the_mlps_down_projection_and_the_output_of_the_
     """IA3 from the run config on the top layer only: a vector per target (all ones, the identity), of
     the down projection's input width, and of every other target's output width."""
     config = load_run_config(overrides=[f'model="{tiny_model_dir}"', "peft-type=ia3", "adapter-layers=1"])
-    spec = AdapterSpec.from_config(config)
+    spec = AdapterSpecs.from_config(config).shared
     assert spec.feedforward_modules == ("down_proj",)
     initial = fresh_adapter_from_config(config.model, spec, 0)
     shapes = {key.split(".layers.")[1].removesuffix(".ia3_l"): tuple(v.shape) for key, v in initial.items()}

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 import client.client_app as client_app
 from client.resident import SHARED
 from common import protocol
-from common.adapters import FFA_FROZEN, AdapterSpec, initial_adapter, on_the_wire
+from common.adapters import FFA_FROZEN, AdapterSpecs, initial_adapter, on_the_wire
 from common.config import load_run_config
 from common.io import read_json
 from server.checkpoints import CheckpointStore
@@ -50,7 +50,9 @@ def test_the_run_records_its_sampling_noise_and_epsilon(dp_run):
     epsilons = [r["privacy"]["epsilon"] for r in metrics["rounds"] if r.get("privacy")]
     assert len(epsilons) == 3 and epsilons[-1] == pytest.approx(privacy["epsilon_planned"])
     assert epsilons[-1] <= 8.0
-    initial = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
+    initial = initial_adapter(
+        config.model, config.dtype, AdapterSpecs.from_config(config).shared, config.seed
+    )
     wire = on_the_wire(initial, True)
     assert set(wire) == {k for k in initial if FFA_FROZEN not in k} and wire
     assert privacy["params_per_client"] == sum(t.numel() for t in wire.values())  # d: B only
@@ -58,7 +60,9 @@ def test_the_run_records_its_sampling_noise_and_epsilon(dp_run):
 
 def test_ffa_lora_keeps_a_as_drawn_and_trains_b(dp_run):
     config, run_dir = dp_run
-    initial = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
+    initial = initial_adapter(
+        config.model, config.dtype, AdapterSpecs.from_config(config).shared, config.seed
+    )
     last_round, final, _ = CheckpointStore(run_dir).latest()
     assert last_round == 3
     for key, tensor in initial.items():
@@ -70,7 +74,9 @@ def test_ffa_lora_keeps_a_as_drawn_and_trains_b(dp_run):
 @pytest.mark.usefixtures("flower_identity")
 def test_a_client_trains_and_sends_b_only_with_the_servers_a(dp_run):
     config, _ = dp_run
-    initial = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
+    initial = initial_adapter(
+        config.model, config.dtype, AdapterSpecs.from_config(config).shared, config.seed
+    )
     wire = on_the_wire(initial, True)
     context = Context(
         run_id=5,
