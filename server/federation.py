@@ -275,7 +275,13 @@ class Federation:
         last_round = start_round + privacy.affordable_rounds(start_round, config.num_rounds - start_round)
         self.stopped_early = last_round < config.num_rounds
         self.recorder.record_privacy(
-            {**privacy.describe(), "rounds_planned": config.num_rounds, "rounds_run": last_round},
+            {
+                **privacy.describe(),
+                "shared_adapter": self.spec.layout
+                + (" (FFA-LoRA: B sent)" if config.shared_ffa_lora else ""),
+                "rounds_planned": config.num_rounds,
+                "rounds_run": last_round,
+            },
             stopped_early=self.stopped_early,
         )
         stage = SharedTraining(start_round, last_round, privacy, self.round_grid(privacy), state)

@@ -8,8 +8,8 @@ from conftest import random_adapter, tiny_llama
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from client.inference import answer_users
-from client.resident import PERSONAL, SHARED, ResidentModel
+from client.inference import answer_users, generate_answers
+from client.resident import PERSONAL, SHARED, ResidentModel, weighted
 from client.store import GateDecision, PersonalAdapterStore
 from common.adapters import AdapterSpec, AdapterSpecs, fresh_adapter_from_config, state_digest
 from common.config import load_run_config
@@ -214,3 +214,100 @@ def test_ia3_scales_the_input_of_the_mlps_down_projection_and_the_output_of_the_
         f"1.mlp.{k}": v for k, v in mlp.items()
     }
     assert all(torch.equal(v, torch.ones_like(v)) for v in initial.values())
+
+
+def test_the_default_config_gives_both_adapters_one_spec_as_before(tiny_model_dir):
+    """Unset `shared-*` keys: the shared spec is the personal one, built as the single spec was, and
+    the answer adapter is rank 2r at alpha 2 alpha (alpha / r unchanged)."""
+    for peft_type in ("lora", "ia3"):
+        overrides = [f'model="{tiny_model_dir}"', "adapter-layers=1", f"peft-type={peft_type}"]
+        config = load_run_config(overrides=overrides)
+        specs = AdapterSpecs.from_config(config)
+        targets = tuple(config.target_module_list)
+        single = AdapterSpec(
+            peft_type,
+            config.lora_r,
+            config.lora_alpha,
+            config.lora_dropout,
+            targets,
+            (1,),
+            ("down_proj",) if peft_type == "ia3" else (),
+        )
+        assert specs.shared == specs.personal == single
+        assert specs.first_layer == 1 and specs.answer_shared_factor == 1.0
+    answer = AdapterSpecs.both(AdapterSpec(r=8, alpha=8, layers=(1,))).answer_config()
+    assert (answer.r, answer.lora_alpha, answer.layers_to_transform) == (16, 16, [1])
+    assert set(answer.target_modules) == {"q_proj", "v_proj"}
+
+
+# A small shared adapter (rank 2 on q and v of the top layer, alpha / r = 2) and a larger personal one
+# (rank 4 on q, k, up and down of both layers, alpha / r = 1): they share q on layer 1 alone.
+TWO_SPECS = AdapterSpecs(
+    shared=AdapterSpec(r=2, alpha=4, target_modules=("q_proj", "v_proj"), layers=(1,)),
+    personal=AdapterSpec(r=4, alpha=4, target_modules=("q_proj", "k_proj", "up_proj", "down_proj")),
+)
+
+
+def _layout(state):
+    """(layer, module) -> the A matrix's rank, from an adapter's keys."""
+    return {
+        (key.split(".layers.")[1].split(".")[0], key.split(".")[-3]): tensor.shape[0]
+        for key, tensor in state.items()
+        if "lora_A" in key
+    }
+
+
+def test_each_slot_follows_its_own_spec(tiny_model, tmp_path, tiny_model_dir):
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, TWO_SPECS)
+    assert _layout(resident.state(SHARED)) == {("1", "q_proj"): 2, ("1", "v_proj"): 2}
+    personal_modules = ("q_proj", "k_proj", "up_proj", "down_proj")
+    assert _layout(resident.state(PERSONAL)) == {(layer, m): 4 for layer in "01" for m in personal_modules}
+    assert TWO_SPECS.first_layer == 0  # the personal adapter reaches layer 0: nothing below is frozen
+    assert set(fresh_adapter_from_config(str(tiny_model_dir), TWO_SPECS.shared, seed=7)) == set(
+        resident.state(SHARED)
+    )
+    personal = _random_adapter(resident, PERSONAL, 5)
+    record = PersonalAdapterStore(tmp_path).save(
+        "oppu", "u", personal, TWO_SPECS.personal.peft_config(), shared_digest="s", data_fingerprint="f"
+    )
+    stored = json.loads((tmp_path / record.path / "adapter_config.json").read_text())
+    assert (stored["r"], stored["lora_alpha"], sorted(stored["target_modules"])) == (
+        4,
+        4,
+        sorted(personal_modules),
+    )
+    assert resident.mismatch(SHARED, personal) is not None  # a personal adapter does not fit the shared slot
+
+
+def test_mixed_batches_answer_as_each_user_does_with_two_specs(tiny_model):
+    """The answer adapter (rank 2 + 4 on the union of modules and layers, each part at its own scale,
+    the shared part weighted per user) gives each user's rows what the two slots give that user."""
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, TWO_SPECS)
+    generator = torch.Generator().manual_seed(0)
+    shared = random_adapter(resident, SHARED, 1, generator)
+    resident.load(SHARED, shared)
+    personals = [
+        random_adapter(resident, PERSONAL, 10, generator),
+        None,
+        random_adapter(resident, PERSONAL, 11, generator),
+    ]
+    weights = [1.0, 0.5, 0.25]
+    names = resident.answer_slots(personals, weights)
+    ids = torch.randint(0, 1000, (len(names), 9), generator=generator)
+    with torch.no_grad():
+        mixed = resident.peft(ids, adapter_names=names).logits
+    prompts = [[f"user {u} asks question {q} about films:" for q in range(2)] for u in range(3)]
+    options = {"max_new_tokens": 6, "max_prompt_tokens": 64}
+    answers = answer_users(resident, prompts, personals, shared_weights=weights, users_per_batch=3, **options)
+    for row, (state, weight) in enumerate(zip(personals, weights, strict=True)):
+        resident.load(SHARED, weighted(shared, weight))
+        resident.load(PERSONAL, state)
+        resident.use(personal=True)
+        assert torch.allclose(mixed[row], _logits(resident, ids[row : row + 1])[0], atol=1e-5), row
+        assert answers[row] == [generate_answers(resident, [p], **options)[0] for p in prompts[row]]
+    resident.load(SHARED, shared)
+    resident.load(PERSONAL, None)
+    resident.use(personal=False)
+    assert not torch.allclose(mixed[0], _logits(resident, ids[:1])[0], atol=1e-3)  # the personal part counts
