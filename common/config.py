@@ -168,14 +168,7 @@ class RunConfig:
             raise ConfigError(
                 f"{source}: device = {self.device!r}; expected {AUTO!r}, 'cpu', 'cuda' or 'cuda:N' (N = 0, 1, ...)"
             )
-        if self.adapter_layers != ALL_LAYERS and (
-            isinstance(self.adapter_layers, str) or self.adapter_layers < 1
-        ):
-            raise ConfigError(
-                f"{source}: adapter-layers = {self.adapter_layers!r}; expected {ALL_LAYERS!r} or a number of "
-                "top decoder layers >= 1"
-            )
-        self._validate_shared_layout(source)
+        self._validate_layouts(source)
         positive = ("num_rounds", "lora_r", "lora_alpha", "local_steps", "batch_size", "users_per_client")
         for name in positive:
             if getattr(self, name) < 1:
@@ -203,18 +196,19 @@ class RunConfig:
                 f"{source}: rag-k = {self.rag_k}, but methods {self.methods!r} retrieve; expected >= 1"
             )
 
-    def _validate_shared_layout(self, source: str) -> None:
+    def _validate_layouts(self, source: str) -> None:
+        """Both adapters' layouts; the shared adapter's own keys also take 0 or "": the personal one's."""
         if not self.target_module_list:
             raise ConfigError(
                 f"{source}: target-modules = {self.target_modules!r}; expected a comma list of names"
             )
-        if self.shared_adapter_layers != ALL_LAYERS and (
-            isinstance(self.shared_adapter_layers, str) or self.shared_adapter_layers < 0
-        ):
-            raise ConfigError(
-                f"{source}: shared-adapter-layers = {self.shared_adapter_layers!r}; expected 0 (= adapter-layers), "
-                f"{ALL_LAYERS!r} or a number of top decoder layers >= 1"
-            )
+        for name, unset in (("adapter_layers", ""), ("shared_adapter_layers", "0 (= adapter-layers), ")):
+            value = getattr(self, name)
+            if value != ALL_LAYERS and (isinstance(value, str) or value < (0 if unset else 1)):
+                raise ConfigError(
+                    f"{source}: {_key(name)} = {value!r}; expected {unset}{ALL_LAYERS!r} or a number of top "
+                    "decoder layers >= 1"
+                )
         for name in ("shared_lora_r", "shared_lora_alpha"):
             if getattr(self, name) < 0:
                 raise ConfigError(

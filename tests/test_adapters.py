@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_adapter, tiny_llama
+from conftest import lora_layout, random_adapter, tiny_llama
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
@@ -248,21 +248,14 @@ TWO_SPECS = AdapterSpecs(
 )
 
 
-def _layout(state):
-    """(layer, module) -> the A matrix's rank, from an adapter's keys."""
-    return {
-        (key.split(".layers.")[1].split(".")[0], key.split(".")[-3]): tensor.shape[0]
-        for key, tensor in state.items()
-        if "lora_A" in key
-    }
-
-
 def test_each_slot_follows_its_own_spec(tiny_model, tmp_path, tiny_model_dir):
     model, tokenizer = tiny_model
     resident = ResidentModel(model, tokenizer, TWO_SPECS)
-    assert _layout(resident.state(SHARED)) == {("1", "q_proj"): 2, ("1", "v_proj"): 2}
+    assert lora_layout(resident.state(SHARED)) == {("1", "q_proj"): 2, ("1", "v_proj"): 2}
     personal_modules = ("q_proj", "k_proj", "up_proj", "down_proj")
-    assert _layout(resident.state(PERSONAL)) == {(layer, m): 4 for layer in "01" for m in personal_modules}
+    assert lora_layout(resident.state(PERSONAL)) == {
+        (layer, m): 4 for layer in "01" for m in personal_modules
+    }
     assert TWO_SPECS.first_layer == 0  # the personal adapter reaches layer 0: nothing below is frozen
     assert set(fresh_adapter_from_config(str(tiny_model_dir), TWO_SPECS.shared, seed=7)) == set(
         resident.state(SHARED)

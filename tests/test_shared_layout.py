@@ -9,17 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from conftest import ffa_client_round, lora_layout, simulate_tiny
 
-import client.client_app as client_app
-from client.resident import SHARED
 from client.store import PersonalAdapterStore
-from common import protocol
 from common.adapters import FFA_FROZEN, AdapterSpecs, initial_adapter, on_the_wire
-from common.config import load_run_config
 from common.io import read_json
 from server.checkpoints import CheckpointStore
-from simulations.simulate import simulate
 
 pytestmark = pytest.mark.federation  # a whole federation: scheduled first (conftest.py)
 
@@ -43,19 +38,7 @@ PERSONAL_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 @pytest.fixture(scope="module")
 def run(tiny_run, one_actor, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("shared-layout") / "run"
-    overrides = {**tiny_run, **OVERRIDES, "run-dir": f'"{run_dir}"'}
-    config = load_run_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
-    simulate(config, centralized=False, engine=one_actor)
-    return config, run_dir
-
-
-def _layout(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], int]:
-    """(layer, module) -> rank, from an adapter's A matrices."""
-    return {
-        (key.split(".layers.")[1].split(".")[0], key.split(".")[-3]): tensor.shape[0]
-        for key, tensor in state.items()
-        if "lora_A" in key
-    }
+    return simulate_tiny(tiny_run, OVERRIDES, one_actor, run_dir), run_dir
 
 
 def test_the_server_sends_and_keeps_the_small_shared_adapter(run):
@@ -64,7 +47,7 @@ def test_the_server_sends_and_keeps_the_small_shared_adapter(run):
     assert metrics["status"] == "complete"
     shared = AdapterSpecs.from_config(config).shared
     initial = initial_adapter(config.model, config.dtype, shared, config.seed)
-    assert _layout(initial) == {("1", "q_proj"): 2, ("1", "v_proj"): 2}
+    assert lora_layout(initial) == {("1", "q_proj"): 2, ("1", "v_proj"): 2}
     # d = B alone: q_proj's 64 x 2 and v_proj's 32 x 2 (two key-value heads of 16).
     assert metrics["privacy"]["params_per_client"] == 64 * 2 + 32 * 2
     assert metrics["privacy"]["shared_adapter"].startswith("lora r 2 alpha 4 on q_proj,v_proj of layers 1-1")
@@ -76,14 +59,14 @@ def test_the_server_sends_and_keeps_the_small_shared_adapter(run):
     assert any(not torch.equal(final[k], initial[k]) for k in on_the_wire(initial, True))
 
 
-def test_personal_adapters_are_stored_with_the_personal_layout(run):
+def test_personal_adapters_are_stored_with_the_personallora_layout(run):
     _, run_dir = run
     stores = [PersonalAdapterStore(path) for path in sorted(Path(run_dir, "clients").glob("partition-*"))]
     records = [(store, record) for store in stores for record in store.records()]
     assert {record.variant for _, record in records} == {"local", "oppu"} and len(records) == 4
     for store, record in records:
         _, state = store.load(record.variant, record.user_id)
-        assert _layout(state) == {(layer, m): 4 for layer in "01" for m in PERSONAL_MODULES}
+        assert lora_layout(state) == {(layer, m): 4 for layer in "01" for m in PERSONAL_MODULES}
         # Trained on layer 0 too: the states below the adapters start below the lower of the two.
         assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k and ".layers.0." in k)
     methods = read_json(run_dir / "metrics.json")["methods"]
@@ -95,33 +78,8 @@ def test_personal_adapters_are_stored_with_the_personal_layout(run):
 @pytest.mark.usefixtures("flower_identity")
 def test_a_client_sends_only_the_shared_adapters_b_with_the_servers_a(run):
     config, _ = run
-    initial = initial_adapter(
-        config.model, config.dtype, AdapterSpecs.from_config(config).shared, config.seed
-    )
-    wire = on_the_wire(initial, True)
-    context = Context(
-        run_id=5,
-        node_id=3,
-        node_config={"partition-id": 0},
-        state=RecordDict(),
-        run_config=config.to_flower(),
-    )
-    message = Message(
-        RecordDict(
-            {
-                protocol.ARRAYS: ArrayRecord({k: v.clone() for k, v in wire.items()}),
-                protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1}),
-            }
-        ),
-        dst_node_id=3,
-        message_type=protocol.TRAIN,
-    )
-    reply = client_app.app(message, context)
-    assert not reply.has_error()
-    sent = reply.content[protocol.ARRAYS]
+    initial, wire, sent, trained = ffa_client_round(config)
     assert list(sent) == list(wire)  # the shared adapter's B, nothing of the personal slot
-    assert any(not np.array_equal(sent[k].numpy(), wire[k].numpy()) for k in wire)
-    _, resident, _ = client_app.setup(context)
-    trained = resident.state(SHARED)
+    assert any(not np.array_equal(sent[k], wire[k].numpy()) for k in wire)
     assert set(trained) == set(initial)
     assert all(torch.equal(trained[k].float(), initial[k]) for k in initial if FFA_FROZEN in k)
