@@ -93,7 +93,14 @@ class AdapterSpec:
     def layout(self) -> str:
         """The adapter's layout in words, as reports name it (e.g. "lora r 2 alpha 4 on q_proj,v_proj of
         layers 28-29")."""
-        layers = f"layers {self.layers[0]}-{self.layers[-1]}" if self.layers else "every layer"
+        first, last = (self.layers[0], self.layers[-1]) if self.layers else (None, None)
+        layers = (
+            "every layer"
+            if first is None
+            else f"layer {first}"
+            if first == last
+            else f"layers {first}-{last}"
+        )
         rank = "" if self.peft_type == "ia3" else f" r {self.r} alpha {self.alpha:g}"
         return f"{self.peft_type}{rank} on {','.join(self.target_modules)} of {layers}"
 

@@ -50,7 +50,9 @@ def test_the_server_sends_and_keeps_the_small_shared_adapter(run):
     assert lora_layout(initial) == {("1", "q_proj"): 2, ("1", "v_proj"): 2}
     # d = B alone: q_proj's 64 x 2 and v_proj's 32 x 2 (two key-value heads of 16).
     assert metrics["privacy"]["params_per_client"] == 64 * 2 + 32 * 2
-    assert metrics["privacy"]["shared_adapter"].startswith("lora r 2 alpha 4 on q_proj,v_proj of layers 1-1")
+    assert metrics["privacy"]["shared_adapter"].startswith(
+        "lora r 2 alpha 4 on q_proj,v_proj of layer 1 (FFA-LoRA"
+    )
     last_round, final, _ = CheckpointStore(run_dir).latest()
     assert last_round == 1 and set(final) == set(initial)
     for key in initial:
