@@ -44,7 +44,7 @@ from client.resident import PERSONAL, SHARED, ResidentModel
 from client.store import PersonalAdapterStore
 from client.training import Example, bucketed_batches, collate, encode_example, shared_prefix_len, train_slot
 from common import protocol
-from common.adapters import AdapterSpec, StateDict, initial_adapter
+from common.adapters import AdapterSpec, AdapterSpecs, StateDict, initial_adapter
 from common.config import PROJECT_DIR, RunConfig, load_run_config
 from common.device import describe_device, resolve_device
 from common.model import load_base_model
@@ -229,7 +229,7 @@ def bench_client_update(config: RunConfig, precision: Precision) -> None:
     from client import client_app
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    spec = AdapterSpec.from_config(config)
+    spec = AdapterSpecs.from_config(config).shared
     with tempfile.TemporaryDirectory() as tmp:
         config = config.replace(run_dir=tmp, autocast_bf16=precision.bf16)
         context = Context(1, 1, {"partition-id": 0}, RecordDict(), config.to_flower())
@@ -285,7 +285,7 @@ def bench_personal_user(config: RunConfig, precision: Precision) -> None:
     states below the adapted layers computed in the same call (a user personalized first) and already
     known (after the shared rounds trained on the same prompts, as in a run)."""
     console.rule(f"personalizing one 64-item user, 4 epochs of batch 8, {precision.name}")
-    ours = AdapterSpec.from_config(config)
+    ours = AdapterSpecs.from_config(config).personal
     if not ours.layers:
         console.print('  adapter-layers = "all": no adapters on the top layers to compare')
         return
@@ -410,14 +410,14 @@ def bench_answering(resident, task, dataset, bf16: bool, where: str = "") -> flo
         f"{answers / mixed:.1f}",
         f"= {looped / mixed:.2f}x the per-user loop ({answers / looped:.1f}/s; target >= 2x)",
     )
-    if resident.spec.first_layer:  # the same queries again: their prefill below the adapters replayed
+    if resident.specs.first_layer:  # the same queries again: their prefill below the adapters replayed
         prefills = PromptPrefills(resident, limit_bytes=2**32)
         answer_users(resident, prompts, states, prefills=prefills, **options)  # records
         replayed = best_of(lambda: answer_users(resident, prompts, states, prefills=prefills, **options), 2)
         report(
             f"{where}answers/s mixed batch, asked again",
             f"{answers / replayed:.1f}",
-            f"= {mixed / replayed:.2f}x the first time (prefill below layer {resident.spec.first_layer} replayed)",
+            f"= {mixed / replayed:.2f}x the first time (prefill below layer {resident.specs.first_layer} replayed)",
         )
     return answers / mixed
 
@@ -453,10 +453,11 @@ def bench_gpu(data, flops: FlopCount, task, dataset, cpu_train: float, cpu_answe
 
 
 def bench_wire(config: RunConfig, model_bytes: int) -> None:
+    spec = AdapterSpecs.from_config(config).shared
     console.rule(
-        f"wire: the shared adapter on {config.target_modules}, adapter-layers = {config.adapter_layers}"
+        f"wire: the shared adapter, r {spec.r} on {','.join(spec.target_modules)}, layers {spec.layers or 'all'}"
     )
-    shared = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
+    shared = initial_adapter(config.model, config.dtype, spec, config.seed)
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
         size = sum(t.numel() * dtype.itemsize for t in shared.values())
         report(

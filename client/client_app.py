@@ -47,7 +47,7 @@ from client.training import train_slot
 from client.users import NodeUsers, UserContext, node_users
 from common import protocol
 from common.accounting import noise_multiplier
-from common.adapters import FFA_FROZEN, AdapterSpec, StateDict, frozen_lora_a, state_digest
+from common.adapters import FFA_FROZEN, AdapterSpecs, StateDict, frozen_lora_a, state_digest
 from common.config import RunConfig
 from common.device import bound_gpu_memory, resolve_device
 from common.methods import METHODS, Method
@@ -60,25 +60,25 @@ WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @functools.lru_cache(maxsize=1)
-def resident_model(model: str, dtype: str, spec: AdapterSpec, device: str) -> ResidentModel:
+def resident_model(model: str, dtype: str, specs: AdapterSpecs, device: str) -> ResidentModel:
     """The base model on the run's `device` (auto: this node's GPU if it has one), loaded once per
     process and reused by every round, user and method."""
     where = resolve_device(device)
     bound_gpu_memory(where)
     base, tokenizer = load_base_model(model, dtype)
-    return ResidentModel(base, tokenizer, spec, where)
+    return ResidentModel(base, tokenizer, specs, where)
 
 
 @functools.lru_cache(maxsize=1)
 def hidden_states(resident: ResidentModel, limit_mb: int) -> HiddenStates | None:
     """The states below the adapters, kept for the life of the process; None with adapters on every layer."""
-    return HiddenStates(resident, limit_mb * 2**20) if resident.spec.first_layer else None
+    return HiddenStates(resident, limit_mb * 2**20) if resident.specs.first_layer else None
 
 
 @functools.lru_cache(maxsize=1)
 def prompt_prefills(resident: ResidentModel, limit_mb: int) -> PromptPrefills | None:
     """The query prompts' prefill below the adapters, kept for the life of the process (client/prefill.py)."""
-    return PromptPrefills(resident, limit_mb * 2**20) if resident.spec.first_layer else None
+    return PromptPrefills(resident, limit_mb * 2**20) if resident.specs.first_layer else None
 
 
 # A simulation worker serves every partition, each round and phase in turn: the cache holds them all
@@ -93,7 +93,7 @@ def setup(context: Context) -> tuple[RunConfig, ResidentModel, NodeUsers]:
     config = RunConfig.from_mapping(context.run_config)
     policy = node_policy(context.node_config)
     node = _node(config, tuple(sorted(context.node_config.items())), config.run_dir, policy)
-    resident = resident_model(config.model, config.dtype, AdapterSpec.from_config(config), config.device)
+    resident = resident_model(config.model, config.dtype, AdapterSpecs.from_config(config), config.device)
     return config, resident, node
 
 
@@ -171,7 +171,7 @@ def train(msg: Message, context: Context) -> Message:
         raise BadRequest(f"train message carries no '{protocol.ARRAYS}' record (the shared adapter)")
     # FFA-LoRA: only B travels; A is this node's own derivation of the run's seeded draw.
     frozen = (FFA_FROZEN,) if config.shared_ffa_lora else ()
-    shared = {**sent, **frozen_lora_a(config.model, resident.spec, config.seed)} if frozen else sent
+    shared = {**sent, **frozen_lora_a(config.model, resident.specs.shared, config.seed)} if frozen else sent
     resident.load(SHARED, shared)  # a malformed adapter fails here, before it costs any budget
     resident.use(personal=False)
     server_round = int(protocol.config_value(msg, protocol.SERVER_ROUND)) + int(
@@ -239,7 +239,11 @@ def personalize(msg: Message, context: Context) -> Message:
     for ctx in node.contexts:
         stored = store.load(method.name, ctx.user.user_id)
         fingerprint = history_fingerprint(ctx.user.history)
-        current = stored is not None and (
+        # A stored adapter of another layout (e.g. from a run with other adapter-layers or lora-r) is
+        # neither current nor continued, nor is the identity kept for a user answered without one:
+        # the user starts afresh.
+        fits = stored is not None and resident.mismatch(PERSONAL, stored[1]) is None
+        current = fits and (
             stored[0].shared_digest,
             stored[0].data_fingerprint,
             stored[0].gate.setting,
@@ -247,16 +251,14 @@ def personalize(msg: Message, context: Context) -> Message:
         if current:
             reused += 1
             continue
-        # A stored adapter of another layout (e.g. from a run with other adapter-layers) cannot be
-        # continued, nor can the identity kept for a user answered without one: the user starts afresh.
-        continued = stored and stored[0].gate.uses_personal and resident.mismatch(PERSONAL, stored[1]) is None
+        continued = fits and stored[0].gate.uses_personal
         start = stored[1] if continued else None
         state, loss, gate = personal_adapter(config, resident, ctx, method, start, node.state_dir, shared)
         store.save(
             method.name,
             ctx.user.user_id,
             state,
-            resident.spec.peft_config(),
+            resident.specs.personal.peft_config(),
             shared_digest=shared_digest,
             data_fingerprint=fingerprint,
             shared_version=None if shared_round is None else int(shared_round),

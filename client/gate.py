@@ -140,7 +140,7 @@ def gated_personal_adapter(
             math.nan,
             GateDecision(config.gate_setting, uses_personal=False, reason="short-history"),
         )
-    if hidden is None and resident.spec.first_layer:
+    if hidden is None and resident.specs.first_layer:
         hidden = HiddenStates(resident, limit_bytes=2**62)  # this user's states, for this call
     train = [examples[i] for i in split.train]
     holdout = [examples[i] for i in split.holdout]

@@ -123,7 +123,7 @@ def adapted_layers_forward(
     """The adapted top layers on the states entering them (rows x width x hidden, right-padded); with
     `prefix_len`, the prefix every row shares runs once. Returns the states after the last layer for
     the positions after the prefix (before the norm)."""
-    top = slice(resident.spec.first_layer, None)
+    top = slice(resident.specs.first_layer, None)
     return run_layers_once_for_the_prefix(backbone_of(resident), top, inputs, attention, prefix_len)[1]
 
 
@@ -215,7 +215,7 @@ class HiddenStates:
 
     def __init__(self, resident: ResidentModel, limit_bytes: int) -> None:
         check_layered(resident)
-        self.first = resident.spec.first_layer
+        self.first = resident.specs.first_layer
         self.limit_bytes = limit_bytes
         tuner = resident.peft.base_model
         self.fingerprint = weights_fingerprint(tuner.model, tuner.prefix)

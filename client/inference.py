@@ -95,7 +95,7 @@ def answer_users(
     }
     if shared_weights is not None and personal_states is None:
         personal_states = [None] * len(prompts_per_user)
-    if personal_states is not None and resident.spec.peft_type != "lora":
+    if personal_states is not None and resident.specs.peft_type != "lora":
         if shared_weights is not None and any(w != 1.0 for w in shared_weights):
             raise ValueError("weights on the shared adapter need plain LoRA (personal-gate = 'mix')")
         answers = []

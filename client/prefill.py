@@ -63,7 +63,7 @@ class PromptPrefills:
 
     def __init__(self, resident: ResidentModel, limit_bytes: int) -> None:
         check_layered(resident)
-        self.first = resident.spec.first_layer
+        self.first = resident.specs.first_layer
         self.limit_bytes = limit_bytes
         self._prefills: dict[tuple[bool, str], PromptPrefill] = {}
         self._bytes = 0

@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.adapters import AdapterSpec, StateDict, clone_state, fresh_adapter, with_adapter
+from common.adapters import AdapterSpec, AdapterSpecs, StateDict, clone_state, fresh_adapter, with_adapter
 
 SHARED = "shared"
 PERSONAL = "personal"
@@ -32,6 +32,24 @@ def weighted(state: Mapping[str, torch.Tensor], weight: float) -> StateDict:
     return {key: tensor * weight if "lora_B" in key else tensor for key, tensor in state.items()}
 
 
+def concatenated(
+    parts: Sequence[tuple[Mapping[str, torch.Tensor], int]], layout: Mapping[str, torch.Tensor]
+) -> StateDict:
+    """LoRA adapters (each with its rank) stacked along the rank into `layout`'s keys and dtypes: A's
+    rows and B's columns in the order of `parts`, zero where a part has no tensor under a key (it does
+    not adapt that module)."""
+    stacked = {}
+    for key, blank in layout.items():
+        dim = 0 if "lora_A" in key else 1
+        blocks = []
+        for state, rank in parts:
+            shape = list(blank.shape)
+            shape[dim] = rank
+            blocks.append(state[key].to(blank.dtype) if key in state else blank.new_zeros(shape))
+        stacked[key] = torch.cat(blocks, dim=dim)
+    return stacked
+
+
 class ResidentModel:
     """Base model + `shared` and `personal` adapter slots, created once per process."""
 
@@ -39,15 +57,16 @@ class ResidentModel:
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        spec: AdapterSpec,
+        specs: AdapterSpecs | AdapterSpec,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.spec = spec
+        """`specs`: each slot's layout (peft takes a LoraConfig per adapter name); one spec for both."""
+        self.specs = specs if isinstance(specs, AdapterSpecs) else AdapterSpecs.both(specs)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         # On the device before the adapters are added: PEFT puts every adapter beside its base layer.
-        self.peft: PeftModel = with_adapter(model.to(self.device), spec, adapter_name=SHARED)
-        self.peft.add_adapter(PERSONAL, spec.peft_config())
+        self.peft: PeftModel = with_adapter(model.to(self.device), self.specs.shared, adapter_name=SHARED)
+        self.peft.add_adapter(PERSONAL, self.specs.personal.peft_config())
         self._identity = {slot: clone_state(self.state(slot)) for slot in (SHARED, PERSONAL)}
         # The frozen base model's linear maps (the adapters' own are excluded: slots change), and
         # their bf16 copies once a bf16 autocast has needed them.
@@ -133,17 +152,20 @@ class ResidentModel:
         personal_states: Sequence[Mapping[str, torch.Tensor] | None],
         shared_weights: Sequence[float] | None = None,
     ) -> list[str]:
-        """Load shared + each user's personal adapter into rank-2r answer slots, one per user.
+        """Load shared + each user's personal adapter into answer slots of rank r_shared + r_personal,
+        one per user.
 
-        A LoRA sum w B_s A_s + B_p A_p equals one LoRA with A = [A_s; A_p] and B = [w B_s, B_p], so
-        each row of a mixed batch (`generate(adapter_names=...)`) can use its own user's pair at once,
-        with its own weight w on the shared adapter (the per-user gate, client/gate.py) and None for a
-        user answered without a personal adapter. The slots are created once and then refilled by
-        weight copy, like the training slots.
+        A LoRA sum w s_s B_s A_s + s_p B_p A_p equals one LoRA at scale s_p with A = [A_s; A_p] and
+        B = [w (s_s / s_p) B_s, B_p], so each row of a mixed batch (`generate(adapter_names=...)`) can
+        use its own user's pair at once, with its own weight w on the shared adapter (the per-user
+        gate, client/gate.py) and None for a user answered without a personal adapter. The answer
+        adapter covers the union of both adapters' modules and layers; where a module has only one of
+        them, the other's block is zero. The slots are created once and then refilled by weight copy,
+        like the training slots.
         """
-        if self.spec.peft_type != "lora":
+        if self.specs.peft_type != "lora":
             raise ValueError(
-                f"mixed-adapter answering needs plain LoRA ({self.spec.peft_type} adapters do not concatenate)"
+                f"mixed-adapter answering needs plain LoRA ({self.specs.peft_type} adapters do not concatenate)"
             )
         shared = self.state(SHARED)
         weights = [1.0] * len(personal_states) if shared_weights is None else shared_weights
@@ -151,13 +173,14 @@ class ResidentModel:
         for index, (personal, weight) in enumerate(zip(personal_states, weights, strict=True)):
             name = ANSWER.format(index)
             if name not in self.peft.peft_config:
-                self.peft.add_adapter(name, self.spec.answer_config())
+                self.peft.add_adapter(name, self.specs.answer_config())
+                self._identity[name] = clone_state(self.state(name))
             personal = self._identity[PERSONAL] if personal is None else personal
-            combined = {
-                key: torch.cat([tensor, personal[key].to(tensor.dtype)], dim=0 if "lora_A" in key else 1)
-                for key, tensor in weighted(shared, weight).items()
-            }
-            set_peft_model_state_dict(self.peft, combined, adapter_name=name)
+            parts = (
+                (weighted(shared, weight * self.specs.answer_shared_factor), self.specs.shared.r),
+                (personal, self.specs.personal.r),
+            )
+            set_peft_model_state_dict(self.peft, concatenated(parts, self._identity[name]), adapter_name=name)
             names.append(name)
         self.peft.requires_grad_(False)
         return names

@@ -184,7 +184,7 @@ def _accumulate(
     micro = [batch[i : i + size] for i in range(0, len(batch), size)]
     targets = [sum(len(e.input_ids) - e.prompt_len for e in m) for m in micro]
     model = resident.peft.base_model.model
-    layers = model.config.num_hidden_layers - resident.spec.first_layer
+    layers = model.config.num_hidden_layers - resident.specs.first_layer
     total_loss, tokens = 0.0, 0
     for part, weight in zip(micro, targets, strict=True):
         ids, attention, mask = (t.to(resident.device) for t in collate(part, resident.tokenizer.pad_token_id))
@@ -222,7 +222,7 @@ def train_slot(
     node's cache); without it they are kept for this call's steps alone."""
     if not examples or steps < 1:
         return TrainResult(math.nan, 0, 0, 0)
-    if hidden is None and resident.spec.first_layer:
+    if hidden is None and resident.specs.first_layer:
         hidden = HiddenStates(resident, limit_bytes=2**62)
     params = resident.trainable(slot, frozen)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []

@@ -29,30 +29,33 @@ StateDict = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """The PEFT settings both adapters use and the decoder layers they sit on (empty: every layer).
-    The defaults here are OPPU's paper (LoRA r=8, alpha=8 on q_proj and v_proj of every layer); a
-    run's come from its config (`AdapterSpec.from_config`). `feedforward_modules` are IA3's targets
-    whose input is scaled rather than their output."""
+    """The PEFT settings of one adapter and the decoder layers it sits on (empty: every layer). The
+    defaults here are OPPU's paper (LoRA r=8, alpha=8 on q_proj and v_proj of every layer); a run's
+    come from its config (`AdapterSpecs.from_config`). `feedforward_modules` are IA3's targets whose
+    input is scaled rather than their output."""
 
     peft_type: str = "lora"
     r: int = 8
-    alpha: int = 8
+    alpha: float = 8
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     layers: tuple[int, ...] = ()
     feedforward_modules: tuple[str, ...] = ()
 
     @classmethod
-    def from_config(cls, config: RunConfig) -> AdapterSpec:
-        targets = tuple(config.target_module_list)
+    def from_layout(
+        cls, config: RunConfig, r: int, alpha: float, targets: list[str], layers: int | str
+    ) -> AdapterSpec:
+        """The run's peft-type and dropout with one adapter's layout (its rank, alpha, targets and
+        `adapter-layers` setting)."""
         return cls(
             config.peft_type,
-            config.lora_r,
-            config.lora_alpha,
+            r,
+            alpha,
             config.lora_dropout,
-            targets,
-            adapted_layers(config.model, config.adapter_layers),
-            ia3_feedforward(config.model, targets) if config.peft_type == "ia3" else (),
+            tuple(targets),
+            adapted_layers(config.model, layers),
+            ia3_feedforward(config.model, tuple(targets)) if config.peft_type == "ia3" else (),
         )
 
     @property
@@ -86,9 +89,81 @@ class AdapterSpec:
         names = "|".join(re.escape(name) for name in self.target_modules)
         return rf"(.*\.)?layers\.({layers})\.(.*\.)?({names})"
 
+    @property
+    def layout(self) -> str:
+        """The adapter's layout in words, as reports name it (e.g. "lora r 2 alpha 4 on q_proj,v_proj of
+        layers 28-29")."""
+        first, last = (self.layers[0], self.layers[-1]) if self.layers else (None, None)
+        layers = (
+            "every layer"
+            if first is None
+            else f"layer {first}"
+            if first == last
+            else f"layers {first}-{last}"
+        )
+        rank = "" if self.peft_type == "ia3" else f" r {self.r} alpha {self.alpha:g}"
+        return f"{self.peft_type}{rank} on {','.join(self.target_modules)} of {layers}"
+
+    @property
+    def scale(self) -> float:
+        """LoRA's factor on B A."""
+        return self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class AdapterSpecs:
+    """The shared adapter's spec and the personal adapters'. They are the same unless the run config's
+    `shared-*` keys give the shared adapter its own (smaller) layout: under DP its noise grows with the
+    weights sent, while the personal adapters never leave the node. peft-type and dropout are one for
+    both."""
+
+    shared: AdapterSpec
+    personal: AdapterSpec
+
+    @classmethod
+    def both(cls, spec: AdapterSpec) -> AdapterSpecs:
+        return cls(spec, spec)
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> AdapterSpecs:
+        personal = AdapterSpec.from_layout(
+            config, config.lora_r, config.lora_alpha, config.target_module_list, config.adapter_layers
+        )
+        return cls(AdapterSpec.from_layout(config, *config.shared_layout), personal)
+
+    @property
+    def peft_type(self) -> str:
+        return self.personal.peft_type
+
+    @property
+    def first_layer(self) -> int:
+        """The lowest decoder layer either adapter touches: everything below it is the frozen base model."""
+        return min(self.shared.first_layer, self.personal.first_layer)
+
     def answer_config(self) -> LoraConfig:
-        """Shared and personal concatenated: rank 2r with alpha 2*alpha keeps the same alpha/r scale."""
-        return dataclasses.replace(self, r=2 * self.r, alpha=2 * self.alpha).peft_config()
+        """Shared and personal concatenated into one LoRA (client/resident.py: `answer_slots`): rank
+        r_shared + r_personal on the union of their target modules and layers, at the personal adapter's
+        scale (the shared part's own scale is folded into its B, `answer_shared_factor`)."""
+        shared, personal = self.shared, self.personal
+        layers = (
+            ()
+            if not shared.layers or not personal.layers
+            else tuple(sorted({*shared.layers, *personal.layers}))
+        )
+        r = shared.r + personal.r
+        return dataclasses.replace(
+            personal,
+            r=r,
+            alpha=personal.alpha * r / personal.r,  # 2 alpha when the ranks are equal, as before
+            target_modules=tuple(dict.fromkeys((*personal.target_modules, *shared.target_modules))),
+            layers=layers,
+        ).peft_config()
+
+    @property
+    def answer_shared_factor(self) -> float:
+        """What the shared part's B is multiplied by in the answer adapter: its scale over the answer's
+        (1 when both adapters share alpha / r, as they do by default)."""
+        return self.shared.scale / self.personal.scale
 
 
 def ia3_feedforward(model: str, target_modules: tuple[str, ...]) -> tuple[str, ...]:

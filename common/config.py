@@ -98,6 +98,10 @@ class RunConfig:
     target_modules: str
     shared_ffa_lora: bool
     adapter_layers: int | str
+    shared_lora_r: int
+    shared_lora_alpha: int
+    shared_target_modules: str
+    shared_adapter_layers: int | str
     hidden_cache_mb: int
     local_steps: int
     batch_size: int
@@ -172,13 +176,7 @@ class RunConfig:
             raise ConfigError(
                 f"{source}: device = {self.device!r}; expected {AUTO!r}, 'cpu', 'cuda' or 'cuda:N' (N = 0, 1, ...)"
             )
-        if self.adapter_layers != ALL_LAYERS and (
-            isinstance(self.adapter_layers, str) or self.adapter_layers < 1
-        ):
-            raise ConfigError(
-                f"{source}: adapter-layers = {self.adapter_layers!r}; expected {ALL_LAYERS!r} or a number of "
-                "top decoder layers >= 1"
-            )
+        self._validate_layouts(source)
         positive = ("num_rounds", "lora_r", "lora_alpha", "local_steps", "batch_size", "users_per_client")
         for name in positive:
             if getattr(self, name) < 1:
@@ -217,6 +215,26 @@ class RunConfig:
                 f"'builtin') with task {' or '.join(map(repr, SHIFT_TASKS))}, not data = {self.data!r}, "
                 f"task = {self.task!r}: {SHIFT_REASON}"
             )
+
+    def _validate_layouts(self, source: str) -> None:
+        """Both adapters' layouts; the shared adapter's own keys also take 0 or "": the personal one's."""
+        if not self.target_module_list:
+            raise ConfigError(
+                f"{source}: target-modules = {self.target_modules!r}; expected a comma list of names"
+            )
+        for name, unset in (("adapter_layers", ""), ("shared_adapter_layers", "0 (= adapter-layers), ")):
+            value = getattr(self, name)
+            if value != ALL_LAYERS and (isinstance(value, str) or value < (0 if unset else 1)):
+                raise ConfigError(
+                    f"{source}: {_key(name)} = {value!r}; expected {unset}{ALL_LAYERS!r} or a number of top "
+                    "decoder layers >= 1"
+                )
+        for name in ("shared_lora_r", "shared_lora_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"{source}: {_key(name)} = {getattr(self, name)}; expected an integer >= 1, or 0 "
+                    f"(= {_key(name.removeprefix('shared_'))})"
+                )
 
     def _validate_sampling(self, source: str) -> None:
         if self.clients_per_round < 0:
@@ -349,7 +367,18 @@ class RunConfig:
 
     @property
     def target_module_list(self) -> list[str]:
-        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        return _names(self.target_modules)
+
+    @property
+    def shared_layout(self) -> tuple[int, float, list[str], int | str]:
+        """The shared adapter's (r, alpha, target modules, adapter layers): its `shared-*` keys, each
+        unset one (0, "") the personal adapter's."""
+        return (
+            self.shared_lora_r or self.lora_r,
+            self.shared_lora_alpha or self.lora_alpha,
+            _names(self.shared_target_modules) or self.target_module_list,
+            self.shared_adapter_layers or self.adapter_layers,
+        )
 
     def to_flower(self) -> dict[str, Any]:
         """The flat, hyphenated form Flower's run config uses."""
@@ -357,6 +386,10 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _weights(text: str) -> tuple[float, ...]:

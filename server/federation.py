@@ -25,7 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common import protocol
-from common.adapters import AdapterSpec, StateDict, initial_adapter, on_the_wire
+from common.adapters import AdapterSpecs, StateDict, initial_adapter, on_the_wire
 from common.cli import console
 from common.config import RunConfig
 from common.methods import METHODS
@@ -121,7 +121,7 @@ class Federation:
         self.grid = grid
         self.config = config
         self.task = get_task(config.task)
-        self.spec = AdapterSpec.from_config(config)
+        self.spec = AdapterSpecs.from_config(config).shared  # the personal adapters are the clients' own
         self.node_ids = wait_for_nodes(grid, config.min_nodes, config.timeout("min-nodes"))
         self.checkpoints = CheckpointStore(config.run_dir)
         self.recorder = RunRecorder(config.run_dir, self.task, resume=config.resume)
@@ -275,7 +275,13 @@ class Federation:
         last_round = start_round + privacy.affordable_rounds(start_round, config.num_rounds - start_round)
         self.stopped_early = last_round < config.num_rounds
         self.recorder.record_privacy(
-            {**privacy.describe(), "rounds_planned": config.num_rounds, "rounds_run": last_round},
+            {
+                **privacy.describe(),
+                "shared_adapter": self.spec.layout
+                + (" (FFA-LoRA: B sent)" if config.shared_ffa_lora else ""),
+                "rounds_planned": config.num_rounds,
+                "rounds_run": last_round,
+            },
             stopped_early=self.stopped_early,
         )
         stage = SharedTraining(start_round, last_round, privacy, self.round_grid(privacy), state)

@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.adapters import AdapterSpec
+from common.adapters import AdapterSpecs
 from common.config import AUTO, ConfigError, RunConfig
 from common.device import resolve_device
 from common.model import model_config
@@ -73,7 +73,7 @@ def client_gpu_bytes(config: RunConfig, bf16: bool) -> int:
     weight_bytes = 4 if config.dtype == "fp32" else 2
     autocast_copies = params * 2 if bf16 and config.dtype == "fp32" else 0
     tokens = (config.micro_batch_size or config.batch_size) * config.max_seq_len
-    layers = len(AdapterSpec.from_config(config).layers) or model.num_hidden_layers
+    layers = model.num_hidden_layers - AdapterSpecs.from_config(config).first_layer
     element = 2 if bf16 or config.dtype == "bf16" else 4
     activations = tokens * layers * model.hidden_size * ACTIVATION_BYTES * element // 2
     logits = tokens * model.vocab_size * 4 * 2

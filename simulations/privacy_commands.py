@@ -9,7 +9,9 @@ zero-shot and local (a personal adapter on the bare model) never see the shared 
 setting changes them: they run once, in `<run-dir>/runs/reference/`, and every setting reuses them.
 Each setting is one federation (methods shared and oppu) in `<run-dir>/runs/<label>/`. A run whose
 metrics.json is finished is not run again, so an interrupted comparison continues where it stopped.
-The report goes to `<run-dir>/privacy/`.
+The report goes to `<run-dir>/privacy/`. The shared adapter's layout is the run config's `shared-*` keys
+(`--set`): a small shared adapter sends fewer weights and carries less noise, while the personal
+adapters keep theirs (docs/privacy.md, "A small shared adapter").
 """
 
 from __future__ import annotations

@@ -50,6 +50,8 @@ COLUMNS = (
     "gain_retained",
     "gain_retained_lo",
     "gain_retained_hi",
+    "shared_adapter",
+    "params_per_client",
     "bytes_per_client_round",
     "seconds_per_round",
     "wall_seconds",
@@ -75,6 +77,8 @@ def run_info(label: str, metrics: dict) -> dict:
         "stopped_early": bool(metrics.get("stopped_early")),
         "noise": privacy.get("noise_multiplier"),
         "clip": privacy.get("clipping_norm"),
+        "shared_adapter": privacy.get("shared_adapter"),  # its layout; d = the weights each client sends
+        "params_per_client": privacy.get("params_per_client"),
         "bytes_per_client_round": round(sum(sent) / len(sent)) if sent else None,
         "seconds_per_round": _mean([r["train"]["seconds"] for r in trained if "seconds" in r["train"]]),
         "wall_seconds": round(metrics.get("wall_seconds", 0.0)),

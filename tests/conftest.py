@@ -36,6 +36,54 @@ def random_adapter(resident, slot: str, seed: int, generator: torch.Generator) -
     return state
 
 
+def lora_layout(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], int]:
+    """(decoder layer, module) -> rank, from a LoRA adapter's A matrices."""
+    return {
+        (key.split(".layers.")[1].split(".")[0], key.split(".")[-3]): tensor.shape[0]
+        for key, tensor in state.items()
+        if "lora_A" in key
+    }
+
+
+def ffa_client_round(config) -> tuple[dict, dict, dict, dict]:
+    """One train message of the run's first shared adapter under FFA-LoRA (B alone) through the whole
+    ClientApp, in this process: (the server's initial adapter, the tensors sent, the reply's arrays as
+    numpy, the client's shared slot after training)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    import client.client_app as client_app
+    from client.resident import SHARED
+    from common import protocol
+    from common.adapters import AdapterSpecs, initial_adapter, on_the_wire
+
+    initial = initial_adapter(
+        config.model, config.dtype, AdapterSpecs.from_config(config).shared, config.seed
+    )
+    wire = on_the_wire(initial, True)
+    context = Context(
+        run_id=5,
+        node_id=3,
+        node_config={"partition-id": 0},
+        state=RecordDict(),
+        run_config=config.to_flower(),
+    )
+    message = Message(
+        RecordDict(
+            {
+                protocol.ARRAYS: ArrayRecord({k: v.clone() for k, v in wire.items()}),
+                protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1}),
+            }
+        ),
+        dst_node_id=3,
+        message_type=protocol.TRAIN,
+    )
+    reply = client_app.app(message, context)
+    assert not reply.has_error(), reply.error
+    sent = {key: array.numpy() for key, array in reply.content[protocol.ARRAYS].items()}
+    _, resident, _ = client_app.setup(context)
+    return initial, wire, sent, resident.state(SHARED)
+
+
 def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -157,6 +205,17 @@ def tiny_run(tiny_model_dir) -> dict:
         "personal-epochs": 0.5,
         "adapter-layers": 1,  # the top layer of two: federations exercise the states kept below it
     }
+
+
+def simulate_tiny(tiny_run: dict, overrides: dict, engine: EngineOptions, run_dir: Path):
+    """One whole federation of `tiny_run` with `overrides` into `run_dir`; returns its run config."""
+    from common.config import load_run_config
+    from simulations.simulate import simulate
+
+    values = {**tiny_run, **overrides, "run-dir": f'"{run_dir}"'}
+    config = load_run_config(overrides=[f"{k}={v}" for k, v in values.items()])
+    simulate(config, centralized=False, engine=engine)
+    return config
 
 
 def pytest_collection_modifyitems(config, items) -> None:

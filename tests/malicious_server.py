@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common import protocol
-from common.adapters import AdapterSpec, initial_adapter
+from common.adapters import AdapterSpecs, initial_adapter
 from common.config import RunConfig
 from common.io import atomic_write_json
 
@@ -62,7 +62,7 @@ def _messages(grid: Grid, message_type: str, config: dict, shared=None) -> list[
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(context.run_config)
-    shared = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
+    shared = initial_adapter(config.model, config.dtype, AdapterSpecs.from_config(config).shared, config.seed)
     generator = torch.Generator().manual_seed(1)
     chosen = {k: torch.randn(v.shape, generator=generator) for k, v in shared.items()}  # the server's pick
     evaluate = {protocol.USER_SCOPE: SCOPE}

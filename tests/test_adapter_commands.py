@@ -50,7 +50,7 @@ def node(tiny_model, tmp_path):
             variant,
             USER,
             states[variant],
-            resident.spec.peft_config(),
+            resident.specs.personal.peft_config(),
             shared_digest="abc123" if variant == "oppu" else "none",
             data_fingerprint="f" * 64,
             shared_version=3 if variant == "oppu" else None,
@@ -59,7 +59,7 @@ def node(tiny_model, tmp_path):
         "oppu",
         "bob",
         states["oppu"],
-        resident.spec.peft_config(),
+        resident.specs.personal.peft_config(),
         shared_digest="abc123",
         data_fingerprint="e",
         gate=GateDecision("mix:x", shared_weight=0.5, epochs=2.0, holdout_loss=1.25, holdout_items=4),
@@ -175,7 +175,7 @@ def test_no_user_id_can_name_another_users_directory(node):
         "oppu",
         impostor,
         states["local"],
-        resident.spec.peft_config(),
+        resident.specs.personal.peft_config(),
         shared_digest="x",
         data_fingerprint="y",
     )
@@ -197,7 +197,7 @@ def test_a_store_with_the_old_names_is_migrated_when_first_changed(node, tmp_pat
         ("dave", states["oppu"]),
     ):
         path = root / "adapters" / "oppu" / (user if user != "dave" else "user-0123456789abcdef")
-        digest = write_adapter(path, state, resident.spec.peft_config())
+        digest = write_adapter(path, state, resident.specs.personal.peft_config())
         adapters[f"oppu/{user}"] = {
             "user_id": user,
             "variant": "oppu",

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_adapter, tiny_llama
+from conftest import lora_layout, random_adapter, tiny_llama
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from client.inference import answer_users
-from client.resident import PERSONAL, SHARED, ResidentModel
+from client.inference import answer_users, generate_answers
+from client.resident import PERSONAL, SHARED, ResidentModel, weighted
 from client.store import GateDecision, PersonalAdapterStore
-from common.adapters import AdapterSpec, fresh_adapter_from_config, state_digest
+from common.adapters import AdapterSpec, AdapterSpecs, fresh_adapter_from_config, state_digest
 from common.config import load_run_config
 from server.checkpoints import CheckpointStore
 
@@ -109,7 +109,12 @@ def test_store_round_trip_loads_with_plain_peft(resident, tokenizer, tmp_path):
     store = PersonalAdapterStore(tmp_path)
     personal = _random_adapter(resident, PERSONAL, 5)
     record = store.save(
-        "oppu", "u/1 odd id", personal, resident.spec.peft_config(), shared_digest="abc", data_fingerprint="f"
+        "oppu",
+        "u/1 odd id",
+        personal,
+        resident.specs.personal.peft_config(),
+        shared_digest="abc",
+        data_fingerprint="f",
     )
     loaded_record, loaded = store.load("oppu", "u/1 odd id")
     assert loaded_record == record and len(Path(record.path).parts) == 4  # adapters/oppu/<user>/<version>
@@ -136,12 +141,12 @@ def test_answers_are_the_same_after_saving_and_loading_both_adapters(resident, t
     options = {"max_new_tokens": 5, "max_prompt_tokens": 32}
     resident.load(SHARED, shared)
     before = answer_users(resident, prompts, [personal, None], **options)
-    config = resident.spec.peft_config()
+    config = resident.specs.personal.peft_config()
     CheckpointStore(tmp_path / "run").save(1, shared, config)
     store = PersonalAdapterStore(tmp_path / "node")
     store.save("oppu", "u0", personal, config, shared_digest=state_digest(shared), data_fingerprint="f")
 
-    restarted = ResidentModel(tiny_llama(tokenizer), tokenizer, resident.spec)
+    restarted = ResidentModel(tiny_llama(tokenizer), tokenizer, resident.specs)
     assert answer_users(restarted, prompts, [None, None], **options) != before  # the adapters matter
     _, saved_shared, _ = CheckpointStore(tmp_path / "run").latest()
     restarted.load(SHARED, saved_shared)
@@ -151,7 +156,7 @@ def test_answers_are_the_same_after_saving_and_loading_both_adapters(resident, t
 def test_the_gate_decision_is_kept_in_the_manifest_and_the_users_export(resident, tmp_path):
     store = PersonalAdapterStore(tmp_path / "node")
     state = resident.fresh(PERSONAL, 1)
-    config = resident.spec.peft_config()
+    config = resident.specs.personal.peft_config()
     gate = GateDecision(
         "mix:x", shared_weight=0.5, uses_personal=True, epochs=1.5, holdout_loss=2.25, holdout_items=3
     )
@@ -170,7 +175,7 @@ def test_the_gate_decision_is_kept_in_the_manifest_and_the_users_export(resident
 def test_store_detects_corruption_and_deletes_every_trace(resident, tmp_path):
     store = PersonalAdapterStore(tmp_path)
     state = resident.fresh(PERSONAL, 1)
-    config = resident.spec.peft_config()
+    config = resident.specs.personal.peft_config()
     record = store.save("oppu", "u1", state, config, shared_digest="a", data_fingerprint="b")
     store.save("local", "u1", state, config, shared_digest="none", data_fingerprint="b")
     store.save("oppu", "u2", state, config, shared_digest="a", data_fingerprint="b")
@@ -187,7 +192,7 @@ def test_the_first_shared_adapter_comes_from_the_config_alone(resident, tiny_mod
         raise AssertionError("the base weights were loaded")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
-    from_config = fresh_adapter_from_config(str(tiny_model_dir), resident.spec, seed=7)
+    from_config = fresh_adapter_from_config(str(tiny_model_dir), resident.specs.shared, seed=7)
     expected = resident.fresh(SHARED, seed=7)
     assert list(from_config) == list(expected)
     assert all(torch.equal(from_config[k], expected[k]) for k in expected)
@@ -199,7 +204,7 @@ def test_ia3_scales_the_input_of_the_mlps_down_projection_and_the_output_of_the_
     """IA3 from the run config on the top layer only: a vector per target (all ones, the identity), of
     the down projection's input width, and of every other target's output width."""
     config = load_run_config(overrides=[f'model="{tiny_model_dir}"', "peft-type=ia3", "adapter-layers=1"])
-    spec = AdapterSpec.from_config(config)
+    spec = AdapterSpecs.from_config(config).shared
     assert spec.feedforward_modules == ("down_proj",)
     initial = fresh_adapter_from_config(config.model, spec, 0)
     shapes = {key.split(".layers.")[1].removesuffix(".ia3_l"): tuple(v.shape) for key, v in initial.items()}
@@ -209,3 +214,93 @@ def test_ia3_scales_the_input_of_the_mlps_down_projection_and_the_output_of_the_
         f"1.mlp.{k}": v for k, v in mlp.items()
     }
     assert all(torch.equal(v, torch.ones_like(v)) for v in initial.values())
+
+
+def test_the_default_config_gives_both_adapters_one_spec_as_before(tiny_model_dir):
+    """Unset `shared-*` keys: the shared spec is the personal one, built as the single spec was, and
+    the answer adapter is rank 2r at alpha 2 alpha (alpha / r unchanged)."""
+    for peft_type in ("lora", "ia3"):
+        overrides = [f'model="{tiny_model_dir}"', "adapter-layers=1", f"peft-type={peft_type}"]
+        config = load_run_config(overrides=overrides)
+        specs = AdapterSpecs.from_config(config)
+        targets = tuple(config.target_module_list)
+        single = AdapterSpec(
+            peft_type,
+            config.lora_r,
+            config.lora_alpha,
+            config.lora_dropout,
+            targets,
+            (1,),
+            ("down_proj",) if peft_type == "ia3" else (),
+        )
+        assert specs.shared == specs.personal == single
+        assert specs.first_layer == 1 and specs.answer_shared_factor == 1.0
+    answer = AdapterSpecs.both(AdapterSpec(r=8, alpha=8, layers=(1,))).answer_config()
+    assert (answer.r, answer.lora_alpha, answer.layers_to_transform) == (16, 16, [1])
+    assert set(answer.target_modules) == {"q_proj", "v_proj"}
+
+
+# A small shared adapter (rank 2 on q and v of the top layer, alpha / r = 2) and a larger personal one
+# (rank 4 on q, k, up and down of both layers, alpha / r = 1): they share q on layer 1 alone.
+TWO_SPECS = AdapterSpecs(
+    shared=AdapterSpec(r=2, alpha=4, target_modules=("q_proj", "v_proj"), layers=(1,)),
+    personal=AdapterSpec(r=4, alpha=4, target_modules=("q_proj", "k_proj", "up_proj", "down_proj")),
+)
+
+
+def test_each_slot_follows_its_own_spec(tiny_model, tmp_path, tiny_model_dir):
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, TWO_SPECS)
+    assert lora_layout(resident.state(SHARED)) == {("1", "q_proj"): 2, ("1", "v_proj"): 2}
+    personal_modules = ("q_proj", "k_proj", "up_proj", "down_proj")
+    assert lora_layout(resident.state(PERSONAL)) == {
+        (layer, m): 4 for layer in "01" for m in personal_modules
+    }
+    assert TWO_SPECS.first_layer == 0  # the personal adapter reaches layer 0: nothing below is frozen
+    assert set(fresh_adapter_from_config(str(tiny_model_dir), TWO_SPECS.shared, seed=7)) == set(
+        resident.state(SHARED)
+    )
+    personal = _random_adapter(resident, PERSONAL, 5)
+    record = PersonalAdapterStore(tmp_path).save(
+        "oppu", "u", personal, TWO_SPECS.personal.peft_config(), shared_digest="s", data_fingerprint="f"
+    )
+    stored = json.loads((tmp_path / record.path / "adapter_config.json").read_text())
+    assert (stored["r"], stored["lora_alpha"], sorted(stored["target_modules"])) == (
+        4,
+        4,
+        sorted(personal_modules),
+    )
+    assert resident.mismatch(SHARED, personal) is not None  # a personal adapter does not fit the shared slot
+
+
+def test_mixed_batches_answer_as_each_user_does_with_two_specs(tiny_model):
+    """The answer adapter (rank 2 + 4 on the union of modules and layers, each part at its own scale,
+    the shared part weighted per user) gives each user's rows what the two slots give that user."""
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, TWO_SPECS)
+    generator = torch.Generator().manual_seed(0)
+    shared = random_adapter(resident, SHARED, 1, generator)
+    resident.load(SHARED, shared)
+    personals = [
+        random_adapter(resident, PERSONAL, 10, generator),
+        None,
+        random_adapter(resident, PERSONAL, 11, generator),
+    ]
+    weights = [1.0, 0.5, 0.25]
+    names = resident.answer_slots(personals, weights)
+    ids = torch.randint(0, 1000, (len(names), 9), generator=generator)
+    with torch.no_grad():
+        mixed = resident.peft(ids, adapter_names=names).logits
+    prompts = [[f"user {u} asks question {q} about films:" for q in range(2)] for u in range(3)]
+    options = {"max_new_tokens": 6, "max_prompt_tokens": 64}
+    answers = answer_users(resident, prompts, personals, shared_weights=weights, users_per_batch=3, **options)
+    for row, (state, weight) in enumerate(zip(personals, weights, strict=True)):
+        resident.load(SHARED, weighted(shared, weight))
+        resident.load(PERSONAL, state)
+        resident.use(personal=True)
+        assert torch.allclose(mixed[row], _logits(resident, ids[row : row + 1])[0], atol=1e-5), row
+        assert answers[row] == [generate_answers(resident, [p], **options)[0] for p in prompts[row]]
+    resident.load(SHARED, shared)
+    resident.load(PERSONAL, None)
+    resident.use(personal=False)
+    assert not torch.allclose(mixed[0], _logits(resident, ids[:1])[0], atol=1e-3)  # the personal part counts

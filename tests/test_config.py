@@ -49,6 +49,11 @@ def test_overrides_parse_toml_values_and_bare_words():
         ),
         ("hidden-cache-mb=-1", "hidden-cache-mb = -1; expected >= 0"),
         ("benchmark-shifted-queries=-1", "benchmark-shifted-queries = -1; expected >= 0 (0 = off)"),
+        ("shared-lora-r=-1", "shared-lora-r = -1; expected an integer >= 1, or 0 (= lora-r)"),
+        ("shared-lora-alpha=-2", "shared-lora-alpha = -2; expected an integer >= 1, or 0 (= lora-alpha)"),
+        ("shared-adapter-layers=-1", "shared-adapter-layers = -1; expected 0 (= adapter-layers), 'all' or"),
+        ("shared-adapter-layers=top", "shared-adapter-layers = 'top'; expected 0 (= adapter-layers)"),
+        ("target-modules=,", "target-modules = ','; expected a comma list of names"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_expectation(override, message):
@@ -129,3 +134,12 @@ def test_what_scales_or_freezes_lora_matrices_is_refused_for_other_peft_types(pe
     assert (
         load_run_config(overrides=["personal-gate=choice", f"peft-type={peft_type}"]).peft_type == peft_type
     )
+
+
+def test_the_shared_adapters_unset_keys_are_the_personal_adapters():
+    config = load_run_config(overrides=["lora-r=4", "lora-alpha=16", "adapter-layers=all"])
+    assert config.shared_layout == (4, 16, config.target_module_list, "all")
+    small = load_run_config(
+        overrides=["shared-lora-r=2", 'shared-target-modules="q_proj, v_proj"', "shared-adapter-layers=2"]
+    )
+    assert small.shared_layout == (2, small.lora_alpha, ["q_proj", "v_proj"], 2)

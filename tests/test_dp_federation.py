@@ -6,16 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from conftest import ffa_client_round, simulate_tiny
 
-import client.client_app as client_app
-from client.resident import SHARED
-from common import protocol
-from common.adapters import FFA_FROZEN, AdapterSpec, initial_adapter, on_the_wire
-from common.config import load_run_config
+from common.adapters import FFA_FROZEN, AdapterSpecs, initial_adapter, on_the_wire
 from common.io import read_json
 from server.checkpoints import CheckpointStore
-from simulations.simulate import simulate
 
 pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled first (conftest.py)
 
@@ -34,10 +29,7 @@ OVERRIDES = {
 @pytest.fixture(scope="module")
 def dp_run(tiny_run, one_actor, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dp") / "run"
-    overrides = {**tiny_run, **OVERRIDES, "run-dir": f'"{run_dir}"'}
-    config = load_run_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
-    simulate(config, centralized=False, engine=one_actor)
-    return config, run_dir
+    return simulate_tiny(tiny_run, OVERRIDES, one_actor, run_dir), run_dir
 
 
 def test_the_run_records_its_sampling_noise_and_epsilon(dp_run):
@@ -50,7 +42,9 @@ def test_the_run_records_its_sampling_noise_and_epsilon(dp_run):
     epsilons = [r["privacy"]["epsilon"] for r in metrics["rounds"] if r.get("privacy")]
     assert len(epsilons) == 3 and epsilons[-1] == pytest.approx(privacy["epsilon_planned"])
     assert epsilons[-1] <= 8.0
-    initial = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
+    initial = initial_adapter(
+        config.model, config.dtype, AdapterSpecs.from_config(config).shared, config.seed
+    )
     wire = on_the_wire(initial, True)
     assert set(wire) == {k for k in initial if FFA_FROZEN not in k} and wire
     assert privacy["params_per_client"] == sum(t.numel() for t in wire.values())  # d: B only
@@ -58,7 +52,9 @@ def test_the_run_records_its_sampling_noise_and_epsilon(dp_run):
 
 def test_ffa_lora_keeps_a_as_drawn_and_trains_b(dp_run):
     config, run_dir = dp_run
-    initial = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
+    initial = initial_adapter(
+        config.model, config.dtype, AdapterSpecs.from_config(config).shared, config.seed
+    )
     last_round, final, _ = CheckpointStore(run_dir).latest()
     assert last_round == 3
     for key, tensor in initial.items():
@@ -70,32 +66,9 @@ def test_ffa_lora_keeps_a_as_drawn_and_trains_b(dp_run):
 @pytest.mark.usefixtures("flower_identity")
 def test_a_client_trains_and_sends_b_only_with_the_servers_a(dp_run):
     config, _ = dp_run
-    initial = initial_adapter(config.model, config.dtype, AdapterSpec.from_config(config), config.seed)
-    wire = on_the_wire(initial, True)
-    context = Context(
-        run_id=5,
-        node_id=3,
-        node_config={"partition-id": 0},
-        state=RecordDict(),
-        run_config=config.to_flower(),
-    )
-    message = Message(
-        RecordDict(
-            {
-                protocol.ARRAYS: ArrayRecord({k: v.clone() for k, v in wire.items()}),
-                protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: 1}),
-            }
-        ),
-        dst_node_id=3,
-        message_type=protocol.TRAIN,
-    )
-    reply = client_app.app(message, context)
-    assert not reply.has_error()
-    sent = reply.content[protocol.ARRAYS]
+    initial, wire, sent, trained = ffa_client_round(config)
     assert list(sent) == list(wire)  # exactly B's tensors on the wire
-    assert any(not np.array_equal(sent[k].numpy(), wire[k].numpy()) for k in wire)  # B trained
-    _, resident, _ = client_app.setup(context)
-    trained = resident.state(SHARED)
+    assert any(not np.array_equal(sent[k], wire[k].numpy()) for k in wire)  # B trained
     for key, tensor in initial.items():
         if FFA_FROZEN in key:
             assert torch.equal(trained[key].float(), tensor), (

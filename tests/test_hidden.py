@@ -36,7 +36,7 @@ def _examples(tokenizer, texts=("a heist", "two lovers in a long story", "space"
 
 def test_adapters_sit_on_the_top_layers_only(tiny_model, tiny_model_dir):
     resident = _top_layer_resident(tiny_model)
-    assert resident.spec.first_layer == 1
+    assert resident.specs.first_layer == 1
     assert all(".layers.1." in key for key in resident.state(SHARED))
     assert adapted_layers(str(tiny_model_dir), 1) == (1,)
     assert adapted_layers(str(tiny_model_dir), "all") == ()
@@ -187,7 +187,14 @@ def test_a_stored_adapter_on_other_layers_is_retrained_from_scratch(
     store = PersonalAdapterStore(node.state_dir)
     user = node.contexts[0].user.user_id
     old = every_layer.fresh(SHARED, 0)
-    store.save("local", user, old, every_layer.spec.peft_config(), shared_digest="old", data_fingerprint="x")
+    store.save(
+        "local",
+        user,
+        old,
+        every_layer.specs.personal.peft_config(),
+        shared_digest="old",
+        data_fingerprint="x",
+    )
     assert resident.mismatch("personal", old) is not None
     (message,) = protocol.requests(protocol.PERSONALIZE, [1], method="local")
     reply = client_app.personalize(message, context)
