@@ -4,7 +4,7 @@ With both adapters on the top K layers (`adapter-layers`), the frozen layers bel
 into the same keys, values and hidden states whatever adapters answer it. A run answers the same
 queries again and again (zero-shot, the shared adapter after every round, each personalized method),
 and prefilling its prompts is most of answering's time: on SmolLM2-135M, 32 tagging prompts took
-7.0 s of one core to prefill and 2.9 s more to generate their 8 tokens. So the first `generate` over a
+7.0 s of one core to prefill and 2.9 s more to generate their 8 tokens (fp32, AVX2 kernels). So the first `generate` over a
 batch records, per prompt, the bottom layers' keys and values and the states entering the first
 adapted layer; a later one over prompts all recorded replays them into its cache in place of running
 those layers, and runs only the adapted layers over the prompt. Decoding then runs every layer as
