@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import matplotlib
-import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -27,17 +26,10 @@ from matplotlib.figure import Figure
 from rich.table import Table
 
 from common.data import IN_HISTORY, QUERY_GROUPS, SHIFTED
-from simulations.statistics import SHIFT_COMPARISONS, Estimate, find_difference
+from simulations.figures import error_bars, grouped_bars
+from simulations.statistics import SHIFT_COMPARISONS, Estimate, estimate_from, estimate_text, find_difference
 
 CHANGE = "change"  # shifted minus in-history, per method or difference
-
-
-def _estimate(values: dict | None) -> Estimate | None:
-    return Estimate.from_dict(values) if values else None
-
-
-def _text(values: dict | None) -> str:
-    return Estimate.from_dict(values).text() if values else "-"
 
 
 def has_groups(metrics: dict) -> bool:
@@ -76,10 +68,12 @@ def methods_table(metrics: dict, methods: list[str]) -> Table:
         table.add_column(column, justify="left" if column == "method" else "right")
     for method in methods:
         cells = [
-            _text(uncertainty["query_groups"].get(group, {}).get("methods", {}).get(method, {}).get(primary))
+            estimate_text(
+                uncertainty["query_groups"].get(group, {}).get("methods", {}).get(method, {}).get(primary)
+            )
             for group in QUERY_GROUPS
         ]
-        table.add_row(method, *cells, _text(uncertainty["shift"]["methods"].get(method)))
+        table.add_row(method, *cells, estimate_text(uncertainty["shift"]["methods"].get(method)))
     return table
 
 
@@ -91,8 +85,11 @@ def differences_table(metrics: dict) -> Table:
         table.add_column(column, justify="left" if column == "difference" else "right")
     for change in uncertainty["shift"]["differences"]:
         first, second = change["first"], change["second"]
-        cells = [_text(find_difference(uncertainty["query_groups"][g], first, second)) for g in QUERY_GROUPS]
-        table.add_row(f"{first} - {second}", *cells, _text(change))
+        cells = [
+            estimate_text(find_difference(uncertainty["query_groups"][g], first, second))
+            for g in QUERY_GROUPS
+        ]
+        table.add_row(f"{first} - {second}", *cells, estimate_text(change))
     return table
 
 
@@ -102,7 +99,7 @@ def answer_lines(metrics: dict) -> list[str]:
     sign = 1 if metrics["higher_is_better"] else -1
     lines = []
     for first, second in SHIFT_COMPARISONS:
-        change = _estimate(find_difference(shift, first, second))
+        change = estimate_from(find_difference(shift, first, second))
         if change is None:
             continue
         if math.isnan(change.lo):
@@ -126,19 +123,17 @@ def plot(metrics: dict, methods: list[str]) -> Figure:
     figure, (left, right) = plt.subplots(
         1, 2, figsize=(1.2 * len(methods) + 8, 4), layout="constrained", width_ratios=(3, 2)
     )
-    width = 0.8 / len(QUERY_GROUPS)
-    for index, group in enumerate(QUERY_GROUPS):
-        found = [
-            _estimate(uncertainty["query_groups"].get(group, {}).get("methods", {}).get(m, {}).get(primary))
+    series = {
+        group: [
+            estimate_from(
+                uncertainty["query_groups"].get(group, {}).get("methods", {}).get(m, {}).get(primary)
+            )
             for m in methods
         ]
-        values = [e.value if e else math.nan for e in found]
-        errors = _errors(found)
-        positions = np.arange(len(methods)) + (index - (len(QUERY_GROUPS) - 1) / 2) * width
-        left.bar(positions, values, width, yerr=errors, capsize=3, label=group)
-    left.set_xticks(range(len(methods)), methods, rotation=30)
+        for group in QUERY_GROUPS
+    }
+    grouped_bars(left, methods, series)
     left.set(ylabel=f"{primary} (95% interval)", title="Each method on both query groups")
-    left.legend(fontsize=8)
     changes = uncertainty["shift"]["differences"]
     found = [Estimate.from_dict(d) for d in changes]
     labels = [f"{d['first']} - {d['second']}" for d in changes]
@@ -147,7 +142,7 @@ def plot(metrics: dict, methods: list[str]) -> Figure:
         right.errorbar(
             estimate.value,
             index,
-            xerr=_errors([estimate]),
+            xerr=error_bars([estimate]),
             fmt="D",
             capsize=4,
             color="#dd8452" if question else "#4c72b0",
@@ -160,13 +155,6 @@ def plot(metrics: dict, methods: list[str]) -> Figure:
         title="How the shift changes each difference",
     )
     return figure
-
-
-def _errors(found: list[Estimate | None]) -> list[list[float]]:
-    """Error bar lengths below and above; none where there is no interval."""
-    below = [e.value - e.lo if e and not math.isnan(e.lo) else 0.0 for e in found]
-    above = [e.hi - e.value if e and not math.isnan(e.hi) else 0.0 for e in found]
-    return [below, above]
 
 
 def seed_values(metrics: dict) -> dict[str, float]:

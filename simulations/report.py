@@ -22,6 +22,7 @@ from rich.table import Table
 from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from common.tasks import get_task
 from simulations import behaviour_shift
+from simulations.figures import error_bars
 from simulations.statistics import GROUPS, Estimate, find_difference, history_groups, seed_spread, summarize
 
 ORDER = (
@@ -87,12 +88,7 @@ def plot_methods(metrics: dict, path: Path) -> None:
     methods = reported_methods(metrics)
     values = [metrics["methods"][m]["overall"].get(key, float("nan")) for m in methods]
     intervals = metrics.get("uncertainty", {}).get("methods", {})
-    bounds = [Estimate.from_dict(intervals[m][key]) if m in intervals else None for m in methods]
-    # no error bar where there is no interval (too few users): NaN bounds draw nothing
-    errors = [
-        [v - b.lo if b is not None else 0.0 for v, b in zip(values, bounds, strict=True)],
-        [b.hi - v if b is not None else 0.0 for v, b in zip(values, bounds, strict=True)],
-    ]
+    errors = error_bars([Estimate.from_dict(intervals[m][key]) if m in intervals else None for m in methods])
     figure, axis = plt.subplots(figsize=(1.1 * len(methods) + 2, 3.6))
     bars = axis.bar(
         methods,

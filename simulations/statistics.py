@@ -65,6 +65,16 @@ class Estimate:
         return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
 
 
+def estimate_from(values: Mapping[str, float | None] | None) -> Estimate | None:
+    """An estimate as reports keep it (`Estimate.as_dict`), or None where there is none."""
+    return Estimate.from_dict(values) if values else None
+
+
+def estimate_text(values: Mapping[str, float | None] | None) -> str:
+    """A kept estimate in words, "-" where there is none."""
+    return Estimate.from_dict(values).text() if values else "-"
+
+
 def resample_weights(num_users: int, resamples: int, seed: int) -> np.ndarray:
     """How often each user is drawn in each resample: shape (resamples, num_users)."""
     rng = np.random.default_rng(seed)

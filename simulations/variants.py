@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -21,8 +19,15 @@ from rich.table import Table
 
 from common.io import atomic_write_json, atomic_write_text, read_json
 from common.tasks import get_task
+from simulations.figures import grouped_bars
 from simulations.report import reported_methods, save_figure
-from simulations.statistics import RESAMPLES, Estimate, paired_difference, resample_weights
+from simulations.statistics import (
+    RESAMPLES,
+    estimate_from,
+    estimate_text,
+    paired_difference,
+    resample_weights,
+)
 
 
 def compare_variants(runs: dict[str, dict], baseline: str, seed: int = 0) -> dict:
@@ -68,20 +73,11 @@ def write_variants_report(
     rows = []
     for method, per_variant in result["methods"].items():
         for name, value in per_variant.items():
-            estimate = _estimate(value)
-            difference = _estimate(result["differences"].get(method, {}).get(name))
-            rows.append(
-                {
-                    "method": method,
-                    "variant": name,
-                    result["metric"]: estimate.value,
-                    "lo": estimate.lo,
-                    "hi": estimate.hi,
-                    f"minus_{baseline}": difference.value,
-                    f"minus_{baseline}_lo": difference.lo,
-                    f"minus_{baseline}_hi": difference.hi,
-                }
-            )
+            difference = result["differences"].get(method, {}).get(name)
+            row = {"method": method, "variant": name}
+            for prefix, kept in ((result["metric"], value), (f"minus_{baseline}", difference)):
+                row |= {f"{prefix}{suffix}": (kept or {}).get(key) for suffix, key in _COLUMNS}
+            rows.append(row)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["method"])
     writer.writeheader()
@@ -93,8 +89,7 @@ def write_variants_report(
     return result
 
 
-def _estimate(values: dict | None) -> Estimate:
-    return Estimate.from_dict(values) if values else Estimate(math.nan, math.nan, math.nan, 0)
+_COLUMNS = (("", "value"), ("_lo", "lo"), ("_hi", "hi"))
 
 
 def _table(result: dict) -> Table:
@@ -104,12 +99,12 @@ def _table(result: dict) -> Table:
     for name in result["variants"]:
         table.add_column(name, justify="right")
     for method, per_variant in result["methods"].items():
-        table.add_row(method, *(_estimate(per_variant[name]).text() for name in result["variants"]))
+        table.add_row(method, *(estimate_text(per_variant[name]) for name in result["variants"]))
         differences = result["differences"].get(method, {})
         table.add_row(
             f"  minus {baseline}",
             *(
-                "" if name == baseline else _estimate(differences.get(name)).text()
+                "" if name == baseline else estimate_text(differences.get(name))
                 for name in result["variants"]
             ),
         )
@@ -120,13 +115,11 @@ def _plot(result: dict):
     """Grouped bars: methods along x, one bar per variant, 95% intervals as error bars."""
     methods, variants = list(result["methods"]), result["variants"]
     figure, axis = plt.subplots(figsize=(1.6 * max(1, len(methods)) + 2, 3.6))
-    width = 0.8 / max(1, len(variants))
-    for index, name in enumerate(variants):
-        estimates = [_estimate(result["methods"][m][name]) for m in methods]
-        values = np.array([e.value for e in estimates])
-        errors = np.nan_to_num([values - [e.lo for e in estimates], [e.hi for e in estimates] - values])
-        axis.bar(np.arange(len(methods)) + index * width, values, width, yerr=errors, capsize=3, label=name)
-    axis.set_xticks(np.arange(len(methods)) + width * (len(variants) - 1) / 2, methods)
+    grouped_bars(
+        axis,
+        methods,
+        {name: [estimate_from(result["methods"][m][name]) for m in methods] for name in variants},
+    )
     axis.set_ylabel(f"{result['metric']} (95% interval, users resampled)")
-    axis.legend(fontsize=8)
+    axis.set_title(f"{result['metric']} per method and variant ({', '.join(variants)})")
     return figure
