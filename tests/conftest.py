@@ -49,7 +49,7 @@ def ffa_client_round(config) -> tuple[dict, dict, dict, dict]:
     """One train message of the run's first shared adapter under FFA-LoRA (B alone) through the whole
     ClientApp, in this process: (the server's initial adapter, the tensors sent, the reply's arrays as
     numpy, the client's shared slot after training)."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
     import client.client_app as client_app
     from client.resident import SHARED
@@ -60,13 +60,7 @@ def ffa_client_round(config) -> tuple[dict, dict, dict, dict]:
         config.model, config.dtype, AdapterSpecs.from_config(config).shared, config.seed
     )
     wire = on_the_wire(initial, True)
-    context = Context(
-        run_id=5,
-        node_id=3,
-        node_config={"partition-id": 0},
-        state=RecordDict(),
-        run_config=config.to_flower(),
-    )
+    context = partition_context(config, run_id=5, node_id=3)
     message = Message(
         RecordDict(
             {
@@ -82,6 +76,19 @@ def ffa_client_round(config) -> tuple[dict, dict, dict, dict]:
     sent = {key: array.numpy() for key, array in reply.content[protocol.ARRAYS].items()}
     _, resident, _ = client_app.setup(context)
     return initial, wire, sent, resident.state(SHARED)
+
+
+def partition_context(config, run_id: int, node_id: int):
+    """The Flower Context a simulated node serving partition 0 hands the ClientApp."""
+    from flwr.app import Context, RecordDict
+
+    return Context(
+        run_id=run_id,
+        node_id=node_id,
+        node_config={"partition-id": 0},
+        state=RecordDict(),
+        run_config=config.to_flower(),
+    )
 
 
 def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import partition_context
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from malicious_server import tensor_digest
 
@@ -166,13 +167,7 @@ def test_the_deployed_client_app_guards_its_replies(attacked, monkeypatch):
     store = PersonalAdapterStore(root / "valid" / "clients" / "partition-0")
     (record,) = store.records()
     personal = store.load(record.variant, record.user_id)[1]
-    context = Context(
-        run_id=77,
-        node_id=5,
-        node_config={"partition-id": 0},
-        state=RecordDict(),
-        run_config=config.to_flower(),
-    )
+    context = partition_context(config, run_id=77, node_id=5)
     _, resident, _ = client_app.setup(context)
 
     def buggy_training(resident, slot, *args, **kwargs):
