@@ -1,10 +1,15 @@
 """The behaviour-shift study: nodes count each query group apart within min-group-size, the report
-gives both groups and the shift's change, and `fedoppu study behaviour-shift` runs it end to end."""
+gives both groups and the shift's change, and `fedoppu study behaviour-shift` runs it end to end;
+its federation is also the IA3 federation under central DP (the shared update clipped, not the vectors)."""
 
+import contextlib
 import csv
+import io
 import os
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from client.client_app import releasable
 from common.data import IN_HISTORY, QUERY_GROUPS, SHIFTED
@@ -68,16 +73,36 @@ def test_the_report_and_the_seeds_report_give_both_query_groups(tmp_path):
     assert not (tmp_path / "plain" / "behaviour_shift.png").exists()
 
 
-@pytest.mark.federation
-def test_the_study_scores_every_method_on_both_query_groups(tiny_run, tmp_path, capsys):
-    run_dir = tmp_path / "study"
-    overrides = {**tiny_run, "num-rounds": 1, "benchmark-shifted-queries": 3}
-    argv = ["study", "behaviour-shift", "--run-dir", str(run_dir), "--methods", "rag,oppu"]
+# The study's federation also carries the IA3 federation under central DP (its assertions are
+# test_an_ia3_federation_...): one tiny federation less; neither property depends on the other's keys.
+IA3_CENTRAL_DP = {
+    "peft-type": '"ia3"',
+    "privacy": '"central-dp"',
+    "dp-clipping": '"fixed"',
+    "clipping-norm": 0.15,
+}
+USERS = 2  # benchmark-users in the tiny_run fixture
+
+
+@pytest.fixture(scope="module")
+def study(tiny_run, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("study") / "run"
+    overrides = {**tiny_run, "num-rounds": 1, "benchmark-shifted-queries": 3, **IA3_CENTRAL_DP}
+    argv = ["study", "behaviour-shift", "--run-dir", str(run_dir), "--methods", "rag,local,oppu"]
     argv += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-    assert main([*argv, "--cpus-per-client", str(os.cpu_count() or 1)]) == 0
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        assert main([*argv, "--cpus-per-client", str(os.cpu_count() or 1)]) == 0
+    return run_dir, said.getvalue()
+
+
+@pytest.mark.federation
+def test_the_study_scores_every_method_on_both_query_groups(study):
+    run_dir, said = study
     metrics = read_json(run_dir / "metrics.json")
     assert read_json(run_dir / "config.json")["run_config"]["benchmark-shifted-queries"] == 3
-    assert list(metrics["methods"]) == ["rag", "shared", "oppu"]  # oppu's shared adapter is scored too
+    # oppu's shared adapter is scored too
+    assert list(metrics["methods"]) == ["rag", "shared", "local", "oppu"]
     for entry in metrics["methods"].values():
         assert set(entry["groups"]) == set(QUERY_GROUPS)
         for uid, counts in entry["counts"].items():
@@ -87,10 +112,31 @@ def test_the_study_scores_every_method_on_both_query_groups(tiny_run, tmp_path, 
         assert sum(entry["groups"][g]["overall"]["n"] for g in QUERY_GROUPS) == entry["overall"]["n"] == 10
     with open(run_dir / "summary.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["method"] for row in rows] == ["rag", "shared", "oppu"]
+    assert [row["method"] for row in rows] == ["rag", "shared", "local", "oppu"]
     assert all(
         row["accuracy_in-history"] and row["accuracy_shifted"] and row["accuracy_change"] for row in rows
     )
     assert (run_dir / "behaviour_shift.png").stat().st_size > 1000
-    said = capsys.readouterr().err
     assert "Behaviour shift" in said and "rag - oppu changes by" in said
+
+
+@pytest.mark.federation
+def test_an_ia3_federation_under_central_dp_clips_and_noises_the_update_not_the_vectors(study):
+    """IA3's vectors start at one. DP-FedAvg clips and noises each update (after minus before): the
+    shared vectors stay near one, where clipping the vectors themselves would have shrunk them to
+    about clipping-norm / sqrt(576) each. The personal adapters (local on the bare model, oppu on the
+    shared one) are IA3 adapters in peft's format on the clients' disks."""
+    run_dir, _ = study
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["status"] == "complete" and set(metrics["methods"]) == {"rag", "shared", "local", "oppu"}
+    assert metrics["privacy"]["setting"] == "central-dp" and metrics["privacy"]["clipping"] == "fixed"
+    assert all(m["overall"]["n"] == USERS * (2 + 3) for m in metrics["methods"].values())  # every query
+    assert metrics["rounds"][1]["train"]["clients"] == USERS
+    checkpoint = run_dir / "checkpoints" / "round-0001"
+    assert read_json(checkpoint / "adapter_config.json")["peft_type"] == "IA3"
+    shared = torch.cat([v.flatten() for v in load_file(checkpoint / "adapter_model.safetensors").values()])
+    assert shared.numel() == 576 and abs(float(shared.mean()) - 1) < 0.05 and not torch.all(shared == 1)
+    for pid in range(USERS):
+        adapters = run_dir / "clients" / f"partition-{pid}" / "adapters"
+        configs = [read_json(path) for path in adapters.glob("*/*/*/adapter_config.json")]
+        assert sorted(c["peft_type"] for c in configs) == ["IA3", "IA3"]
