@@ -13,8 +13,8 @@ from simulations.simulate import simulate
 
 pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled first (conftest.py)
 
-USERS = 40
-SAMPLED = 4  # clients-per-round: 4 of 40 clients
+USERS = 16
+SAMPLED = 4  # clients-per-round: 4 of 16 clients
 
 
 def test_a_round_samples_a_few_of_many_clients_and_every_user_is_personalized_and_scored(
