@@ -41,6 +41,7 @@ pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled f
 USERS = {0: ["u000", "u001"], 1: ["u002", "u003"], 2: ["u004", "u005"]}  # by partition
 ALL_USERS = sorted(u for users in USERS.values() for u in users)
 FAULTY = EngineOptions(client_app="tests.faults:app")
+TRAIN_TIMEOUT = 10.0  # round 1's nodes are warm (round 0 evaluated): they answer in ~1 s
 
 
 def _fault(phase: str, partition: int, fault: str, **where) -> dict:
@@ -50,7 +51,7 @@ def _fault(phase: str, partition: int, fault: str, **where) -> dict:
 BAD_UPDATES = [
     _fault("train", 0, "nan", round=1),
     _fault("train", 1, "inf", round=1, once=True),
-    _fault("train", 2, "sleep", round=1, seconds=28, once=True),
+    _fault("train", 2, "sleep", round=1, seconds=TRAIN_TIMEOUT + 5, once=True),
     _fault("train", 0, "wrong-shape", round=2),
     _fault("train", 1, "missing-key", round=2),
     _fault("train", 2, "scaled", round=2),
@@ -107,7 +108,7 @@ def runs(tiny_run, tmp_path_factory):
         "methods": '"zero-shot,shared,oppu"',
         "eval-every-round": "false",
         "run-dir": f'"{run_dir}"',
-        "train-timeout": 20.0,  # round 1's nodes are warm (round 0 evaluated): they answer in ~1 s
+        "train-timeout": TRAIN_TIMEOUT,
         "min-train-fraction": 0.5,  # 2 of 3
         "train-retries": 1,
         "max-update-norm": 20.0,  # an honest update of the tiny model: ~0.2
@@ -152,7 +153,7 @@ def test_bad_updates_are_dropped_a_short_round_is_retried_and_a_failed_one_stops
     reasons = {users: [r for u, r in dropped if u == users] for users, _ in dropped}
     assert len(reasons[("u000", "u001")]) == 2 and all("NaN or Inf" in r for r in reasons[("u000", "u001")])
     assert len(reasons[("u002", "u003")]) == 1 and "NaN or Inf" in reasons[("u002", "u003")][0]
-    assert reasons[("u004", "u005")] == ["no reply within 20 s (train-timeout)"]
+    assert reasons[("u004", "u005")] == [f"no reply within {TRAIN_TIMEOUT:g} s (train-timeout)"]
     [stop] = metrics["stops"]
     assert stop["round"] == 2 and len(stop["dropped"]) == 6  # 3 nodes, 2 attempts
     by_users = {users: reason for users, reason in _dropped(stop["dropped"])}
