@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="KEY=[V1, V2]",
-        help="a run-config key and the values to try, a TOML list (quote it); repeat for more keys: every "
-        "combination runs",
+        help="a run-config key and the values to try, a TOML list (quote it), or keys that move together: "
+        "K1,K2=[[V1, W1], [V2, W2]]; repeat for more keys: every combination runs",
     )
     tune.add_argument("--target", help="the method whose primary metric decides (default: the first method)")
     tune.set_defaults(func=tune_command, preset={"split": "validation"}, study="tune")

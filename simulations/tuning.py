@@ -32,22 +32,33 @@ def _text(value: Any) -> str:
 
 
 def grid(varies: list[str]) -> dict[str, dict[str, Any]]:
-    """`--vary KEY=[V1, V2]` (TOML values; a single value is a list of one) -> {name: keys} for every
-    combination, the first values first; a name is `key=value+key=value`, also its run directory."""
-    axes: dict[str, list[Any]] = {}
+    """`--vary KEY=[V1, V2]` (TOML values; a single value is a list of one), or keys that move together,
+    `--vary K1,K2=[[V1, W1], [V2, W2]]`, -> {name: keys} for every combination, the first values first;
+    a name is `key=value+key=value`, also its run directory."""
+    axes: list[list[dict[str, Any]]] = []
+    seen: set[str] = set()
     for text in varies:
-        key, values = parse_override(text)
-        if key in _FIXED:
-            raise ConfigError(f"--vary {text!r}: {key} is not a setting to tune (fedoppu tune fixes it)")
-        if key in axes:
-            raise ConfigError(f"--vary {text!r}: {key} is varied twice; give all its values in one list")
+        joined, values = parse_override(text)
+        keys = [key.strip() for key in joined.split(",")]
+        for key in keys:
+            if key in _FIXED:
+                raise ConfigError(f"--vary {text!r}: {key} is not a setting to tune (fedoppu tune fixes it)")
+            if key in seen:
+                raise ConfigError(f"--vary {text!r}: {key} is varied twice; give all its values in one list")
+        seen.update(keys)
         values = values if isinstance(values, list) else [values]
+        if len(keys) > 1 and not all(isinstance(v, list) and len(v) == len(keys) for v in values):
+            raise ConfigError(
+                f"--vary {text!r}: {len(keys)} keys move together; expected a list of {len(keys)}-value "
+                f"lists, e.g. {joined}=[[...], [...]]"
+            )
         if not values or len({_text(v) for v in values}) != len(values):
-            raise ConfigError(f"--vary {text!r}: expected a list of distinct values, e.g. {key}=[1, 2]")
-        axes[key] = values
+            raise ConfigError(f"--vary {text!r}: expected a list of distinct values, e.g. {joined}=[1, 2]")
+        together = values if len(keys) > 1 else [[v] for v in values]
+        axes.append([dict(zip(keys, v, strict=True)) for v in together])
     combinations = {}
-    for values in itertools.product(*axes.values()):
-        keys = dict(zip(axes, values, strict=True))
+    for parts in itertools.product(*axes):
+        keys = {key: value for part in parts for key, value in part.items()}
         name = "+".join(f"{key}={_text(value)}" for key, value in keys.items()).replace("/", "_")
         combinations[name] = keys
     return combinations

@@ -56,10 +56,16 @@ def test_the_grid_has_every_combination_named_by_its_values():
         "target-modules": "q_proj",
     }
     assert list(grid(["adapter-layers='all'"])) == ["adapter-layers=all"]
+    layouts = grid(["adapter-layers,target-modules=[[8, 'q_proj'], ['all', 'q_proj,v_proj']]", "lora-r=[4]"])
+    assert list(layouts.values()) == [
+        {"adapter-layers": 8, "target-modules": "q_proj", "lora-r": 4},
+        {"adapter-layers": "all", "target-modules": "q_proj,v_proj", "lora-r": 4},
+    ]
     for bad, message in (
         (["split=['test']"], "split is not a setting to tune"),
         (["lora-r=[4, 4]"], "a list of distinct values"),
-        (["lora-r=[4]", "lora-r=[8]"], "lora-r is varied twice"),
+        (["lora-r=[4]", "lora-r,lora-alpha=[[8, 8]]"], "lora-r is varied twice"),
+        (["lora-r,lora-alpha=[8, 16]"], "2 keys move together; expected a list of 2-value lists"),
     ):
         with pytest.raises(ConfigError, match=message):
             grid(bad)
