@@ -102,8 +102,9 @@ def choose(run_dir: Path, variants: dict[str, dict[str, Any]], target: str, cons
     }
     atomic_write_json(run_dir / "tune.json", result)
     table = Table(title=f"{target}: {metric} on the validation split (95% interval), and minus the best")
-    for column in ("variant", metric, "minus best (same users)"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
+    table.add_column("variant", overflow="fold")  # the whole name: it is the setting to use
+    for column in (metric, "minus best (same users)"):
+        table.add_column(column, justify="right", no_wrap=True)
     for row in result["ranking"]:
         value = estimate_text(row["interval"]) if row["interval"] else f"{row[metric]:.3f}"
         table.add_row(row["variant"], value, estimate_text(row["minus_best"]))
