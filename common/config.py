@@ -30,6 +30,7 @@ DP_CLIPPING = (
     "fixed",
 )  # central-dp: Andrew et al.'s adaptive clip norm, or clipping-norm throughout
 PERSONAL_GATES = ("none", "choice", "mix")  # client/gate.py
+SPLITS = ("test", "validation")  # common/loaders.py: validation_split
 # The privacy layer of the shared adapter (server/privacy.py, client/mods.py); docs/privacy.md compares them.
 PRIVACY_SETTINGS = ("none", "central-dp", "client-dp", "adaptive-dp", "local-dp", "secagg", "secagg+dp")
 METHODS = tuple(_METHODS)
@@ -53,6 +54,7 @@ _CHOICES = {
     "privacy": PRIVACY_SETTINGS,
     "dp_clipping": DP_CLIPPING,
     "personal_gate": PERSONAL_GATES,
+    "split": SPLITS,
 }
 # Settings that can sample clients per round other than by fraction-train: SecAgg+'s legacy workflow
 # samples by fraction only; Flower's client-dp and adaptive-dp wrappers need a fixed count per round.
@@ -80,6 +82,7 @@ class RunConfig:
     benchmark_personal_strength: float
     benchmark_shifted_queries: int
     max_users: int
+    split: str
     users_per_client: int
     seed: int
     num_rounds: int

@@ -264,12 +264,29 @@ def _load_jsonl(
     return Dataset(task.name, users, str(path))
 
 
+def validation_split(dataset: Dataset) -> Dataset:
+    """Each user's newest history items as their queries, as many as the user has test queries and at
+    most half the history: LaMP's time-based split taken one step earlier, so settings are chosen on
+    data that precedes the test queries and never on them."""
+    users = []
+    for user in dataset.users:
+        held = min(len(user.queries), len(user.history) // 2)
+        if held < 1:
+            raise DataError(
+                f"{dataset.source}: user {user.user_id!r} has {len(user.history)} history item(s); "
+                "split = 'validation' takes the newest items (up to half) as the user's queries and "
+                "needs at least 2"
+            )
+        users.append(User(user.user_id, user.history[:-held], user.history[-held:]))
+    return Dataset(dataset.task, users, dataset.source)
+
+
 @functools.lru_cache(maxsize=4)
-def _load_cached(data: str, task: str, bench: BenchmarkConfig | None, max_users: int) -> Dataset:
+def _load_cached(data: str, task: str, bench: BenchmarkConfig | None, max_users: int, split: str) -> Dataset:
     dataset = make_benchmark(bench) if bench is not None else load_dataset(data, task or None)
     if max_users > 0:
         dataset.users = dataset.users[:max_users]
-    return dataset
+    return validation_split(dataset) if split == "validation" else dataset
 
 
 def load_run_dataset(config: RunConfig, data_path: str | None = None) -> Dataset:
@@ -277,7 +294,7 @@ def load_run_dataset(config: RunConfig, data_path: str | None = None) -> Dataset
     method of a run reads the same users."""
     data = data_path or config.data
     bench = BenchmarkConfig.from_run_config(config) if data == "builtin" else None
-    return _load_cached(data, config.task, bench, config.max_users)
+    return _load_cached(data, config.task, bench, config.max_users, config.split)
 
 
 def num_partitions(num_users: int, users_per_client: int) -> int:

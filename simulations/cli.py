@@ -108,6 +108,33 @@ def simulate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune_command(args: argparse.Namespace) -> int:
+    from common.config import ConfigError, load_run_config
+    from simulations.simulate import expand_methods, new_run_dir
+    from simulations.tuning import VALIDATION, choose, grid
+
+    config = load_run_config(args.config, args.set, preset=args.preset)
+    if config.split != VALIDATION:
+        raise ConfigError(
+            f"fedoppu tune: split = {config.split!r}; tuning reads the validation split only, never "
+            "the test queries (drop --set split=...)"
+        )
+    if args.seeds > 1 or args.resume:
+        raise ConfigError(
+            "fedoppu tune: runs one seed (--set seed=N); rerun the same --run-dir to continue it"
+        )
+    args.variants = grid(args.vary)
+    methods = expand_methods(args.methods)[0].split(",") if args.methods else config.method_list
+    target = args.target or methods[0]
+    if target not in methods:
+        raise ConfigError(f"fedoppu tune --target {target}: not among the methods run ({', '.join(methods)})")
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, "tune")
+    args.run_dir = str(run_dir)
+    simulate_command(args)
+    choose(run_dir, args.variants, target, console)
+    return 0
+
+
 @contextlib.contextmanager
 def resumable(run_dir: Path) -> Iterator[None]:
     """Ctrl-C or SIGTERM while a run goes on: its processes stop, and the command that resumes it is
@@ -167,6 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_simulate_arguments(one)
         one.set_defaults(func=simulate_command, preset=spec.preset, variants=spec.variants)
+
+    tune = commands.add_parser(
+        "tune",
+        help="choose run-config values on a validation split of each user's history, never the test queries",
+        description="One simulated federation per combination of the --vary values, each scored on the "
+        "validation split (split = 'validation': each user's newest history items, as many as the user "
+        "has queries and at most half the history, are the queries and leave the history); the best "
+        "combination for --target's primary metric wins, and every other one is compared with it, paired "
+        "over users (<run-dir>/tune.json, variants.json/csv/png). Run config: pyproject's, then "
+        "split = 'validation', then --config, then --set, then each combination's values.",
+    )
+    add_simulate_arguments(tune)
+    tune.add_argument(
+        "--vary",
+        action="append",
+        required=True,
+        metavar="KEY=[V1, V2]",
+        help="a run-config key and the values to try, a TOML list (quote it), or keys that move together: "
+        "K1,K2=[[V1, W1], [V2, W2]]; repeat for more keys: every combination runs",
+    )
+    tune.add_argument("--target", help="the method whose primary metric decides (default: the first method)")
+    tune.set_defaults(func=tune_command, preset={"split": "validation"}, study="tune")
 
     data_commands.register(commands)
     privacy_commands.register(commands)

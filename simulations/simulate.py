@@ -78,6 +78,10 @@ def simulate(config: RunConfig, *, centralized: bool, engine: EngineOptions = DE
     where = engine.client_device
     if engine.gpus_per_client:
         where = f"GPU, {engine.gpus_per_client:g} of one per client"
+    if config.split == "validation":
+        console.print(
+            "[bold]validation split[/]: each user's newest history items are the queries; no test query is read"
+        )
     console.print(
         f"[bold]fedoppu[/] {config.task}: {nodes} clients, {config.num_rounds} rounds, methods {config.methods}, "
         f"{precision.name} on {where}"
