@@ -34,6 +34,8 @@ COMPARISONS = (
     ("oppu-rag", "rag"),
     ("oppu-pag", "oppu"),
     ("centralized", "oppu"),
+    # the federated shared adapter against the same adapter trained with every history pooled
+    ("centralized-shared", "shared"),
 )
 # Behaviour shift (OPPU's paper): on queries whose topic the history does not cover, retrieval brings
 # back unrelated items; does retrieval lose more there than a personal adapter does?

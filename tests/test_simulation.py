@@ -244,6 +244,7 @@ def test_the_report_gives_intervals_and_oppus_paired_differences(finished_run):
         assert interval["users"] == USERS and interval["lo"] is None and interval["hi"] is None
     pairs = {(d["first"], d["second"]) for d in uncertainty["differences"]}
     assert {("oppu", "shared"), ("oppu", "local"), ("oppu-rag", "rag"), ("oppu-pag", "oppu")} <= pairs
+    assert {("centralized", "oppu"), ("centralized-shared", "shared")} <= pairs  # federated vs pooled
     assert set(uncertainty["groups"]) <= {"light", "medium", "heavy"}
     with open(run_dir / "summary.csv") as handle:
         row = next(csv.DictReader(handle))
