@@ -30,7 +30,8 @@ DP_CLIPPING = (
     "fixed",
 )  # central-dp: Andrew et al.'s adaptive clip norm, or clipping-norm throughout
 PERSONAL_GATES = ("none", "choice", "mix")  # client/gate.py
-SPLITS = ("test", "validation")  # common/loaders.py: validation_split
+VALIDATION = "validation"  # split: common/loaders.py validation_split
+SPLITS = ("test", VALIDATION)
 # The privacy layer of the shared adapter (server/privacy.py, client/mods.py); docs/privacy.md compares them.
 PRIVACY_SETTINGS = ("none", "central-dp", "client-dp", "adaptive-dp", "local-dp", "secagg", "secagg+dp")
 METHODS = tuple(_METHODS)

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from common.config import VALIDATION, RunConfig
 from common.data import QUERY_GROUPS, Dataset, Item, User, parse_date, require, require_id
 from common.io import DataError, read_json
 from common.synthetic import BenchmarkConfig, make_benchmark
@@ -286,7 +286,7 @@ def _load_cached(data: str, task: str, bench: BenchmarkConfig | None, max_users:
     dataset = make_benchmark(bench) if bench is not None else load_dataset(data, task or None)
     if max_users > 0:
         dataset.users = dataset.users[:max_users]
-    return validation_split(dataset) if split == "validation" else dataset
+    return validation_split(dataset) if split == VALIDATION else dataset
 
 
 def load_run_dataset(config: RunConfig, data_path: str | None = None) -> Dataset:

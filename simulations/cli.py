@@ -109,9 +109,9 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from common.config import ConfigError, load_run_config
+    from common.config import VALIDATION, ConfigError, load_run_config
     from simulations.simulate import expand_methods, new_run_dir
-    from simulations.tuning import VALIDATION, choose, grid
+    from simulations.tuning import choose, grid
 
     config = load_run_config(args.config, args.set, preset=args.preset)
     if config.split != VALIDATION:
@@ -152,6 +152,7 @@ def resumable(run_dir: Path) -> Iterator[None]:
 
 def build_parser() -> argparse.ArgumentParser:
     from client import commands as node_commands
+    from common.config import VALIDATION
     from server import commands as server_commands
     from simulations import data_commands, privacy_commands
     from simulations.studies import STUDIES
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "K1,K2=[[V1, W1], [V2, W2]]; repeat for more keys: every combination runs",
     )
     tune.add_argument("--target", help="the method whose primary metric decides (default: the first method)")
-    tune.set_defaults(func=tune_command, preset={"split": "validation"}, study="tune")
+    tune.set_defaults(func=tune_command, preset={"split": VALIDATION}, study="tune")
 
     data_commands.register(commands)
     privacy_commands.register(commands)

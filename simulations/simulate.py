@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from common.cli import console
-from common.config import METHODS, ConfigError, RunConfig, default_config_values
+from common.config import METHODS, VALIDATION, ConfigError, RunConfig, default_config_values
 from common.io import atomic_write_json, read_json
 from common.loaders import load_run_dataset, num_partitions
 from common.precision import Precision, compute_precision
@@ -78,7 +78,7 @@ def simulate(config: RunConfig, *, centralized: bool, engine: EngineOptions = DE
     where = engine.client_device
     if engine.gpus_per_client:
         where = f"GPU, {engine.gpus_per_client:g} of one per client"
-    if config.split == "validation":
+    if config.split == VALIDATION:
         console.print(
             "[bold]validation split[/]: each user's newest history items are the queries; no test query is read"
         )

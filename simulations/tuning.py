@@ -17,12 +17,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from common.config import ConfigError, parse_override
+from common.config import VALIDATION, ConfigError, parse_override
 from common.io import atomic_write_json, read_json
 from simulations.statistics import estimate_text
 from simulations.variants import compare_variants
 
-VALIDATION = "validation"
 # Keys a tuning grid cannot vary: the split it is scored on, and where its runs go.
 _FIXED = ("split", "run-dir", "resume", "state-dir")
 
