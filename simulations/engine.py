@@ -3,7 +3,8 @@
 This is what `flwr run .` does inside its simulation process (flwr.simulation.app), minus the
 SuperLink it would leave running: the components come from pyproject's [tool.flwr.app.components]
 and both sides receive the same fused run config. Ray shuts down when the call returns, so no
-background process is left behind. Written against flwr 1.42 (the pinned minor version).
+background process is left behind; clients that take turns one at a time on the CPU run in the
+federation's own process instead of Ray's (simulations/in_process.py). Written against flwr 1.42 (the pinned minor version).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flwr.supercore.telemetry import EventType
 from common.config import PROJECT_DIR, RunConfig, flower_app_table
 from common.device import GPU_MEMORY_FRACTION_ENV
 from simulations.engine_options import DEFAULT_ENGINE, EngineOptions
+from simulations.in_process import runs_in_process, use_in_process_backend
 from simulations.placement import ray_backend_config
 
 
@@ -47,12 +49,13 @@ class FederationFailed(RuntimeError):
 
 
 def _federations() -> multiprocessing.context.BaseContext:
-    """Fresh processes forked from a server that imported the engine and the ServerApp once (torch,
-    transformers, peft: ~5 s of a core that every spawned federation paid again; a comparison or a
-    test session runs many). The server holds no threads, state or environment a run could inherit:
+    """Fresh processes forked from a server that imported the engine, the ServerApp and the ClientApp
+    once (torch, transformers, peft: ~5 s of a core that every spawned federation paid again; a
+    comparison or a test session runs many; the ClientApp runs in the federation's process when
+    clients take turns on the CPU). The server holds no threads, state or environment a run could inherit:
     each federation gets this process's environment and directory when it starts (_run_in_process)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, _components()[0].split(":")[0]])
+    context.set_forkserver_preload([__name__, *(component.split(":")[0] for component in _components())])
     return context
 
 
@@ -160,7 +163,10 @@ def _run_in_process(
         os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[engine.gpu] if visible else str(engine.gpu)
     if engine.gpus_per_client:  # Ray's workers inherit it: each holds itself to its share of the GPU's memory
         os.environ[GPU_MEMORY_FRACTION_ENV] = str(engine.gpus_per_client)
-    backend_config = ray_backend_config(engine, os.cpu_count() or 1)
+    total_cpus = os.cpu_count() or 1
+    if runs_in_process(engine, total_cpus):
+        use_in_process_backend()
+    backend_config = ray_backend_config(engine, total_cpus)
     _run_simulation(
         num_supernodes=num_supernodes,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

@@ -40,7 +40,11 @@ DEFAULT_ENGINE = EngineOptions()
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--cpus-per-client", type=int, default=1, help="CPU cores per simulated client (default: 1)"
+        "--cpus-per-client",
+        type=int,
+        default=1,
+        help="CPU cores per simulated client (default: 1); a client given every core runs in the "
+        "federation's own process, not in a Ray worker",
     )
     parser.add_argument(
         "--gpus-per-client",
