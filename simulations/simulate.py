@@ -140,18 +140,27 @@ def simulate_variants(
     return run_dir
 
 
-def run_centralized(config: RunConfig, nodes: int, engine: EngineOptions) -> None:
-    """All histories on one node, as many shared-adapter steps per round as all clients together."""
-    central_dir = Path(config.run_dir) / "centralized"
-    users = len(load_run_dataset(config).users)
-    central = config.replace(
+def centralized_config(config: RunConfig, users: int, nodes: int) -> RunConfig:
+    """The reference: plain training of the shared adapter on every history pooled. Its one node
+    takes as many steps per round as the federation's nodes together, and the server keeps that
+    node's adapter as it is (FedAvg of one node): a server optimizer (fedadam, fedavgm) or FedProx's
+    pull towards the round's start would make it something other than plain training."""
+    return config.replace(
         users_per_client=users,
         local_steps=config.local_steps * nodes,
+        strategy="fedavg",
         methods="shared,oppu",
-        run_dir=str(central_dir),
+        run_dir=str(Path(config.run_dir) / "centralized"),
         state_dir="",
         min_nodes=1,  # its one node
     )
+
+
+def run_centralized(config: RunConfig, nodes: int, engine: EngineOptions) -> None:
+    """All histories on one node, as many shared-adapter steps per round as all clients together."""
+    users = len(load_run_dataset(config).users)
+    central = centralized_config(config, users, nodes)
+    central_dir = Path(central.run_dir)
     console.print(f"[bold]centralized reference[/]: {users} users pooled on one node")
     recorded = central_dir / "metrics.json"
     if not (config.resume and recorded.exists() and read_json(recorded).get("status") == "complete"):

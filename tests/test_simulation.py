@@ -20,7 +20,7 @@ from common.config import load_run_config
 from common.io import read_json
 from simulations.cli import main
 from simulations.engine import FederationFailed
-from simulations.simulate import resume, simulate
+from simulations.simulate import centralized_config, resume, simulate
 from tests import faults
 
 pytestmark = pytest.mark.federation  # minutes of whole federations: scheduled first (conftest.py)
@@ -268,3 +268,24 @@ def test_seeds_repeat_the_run_and_report_the_spread(tiny_run, one_actor, tmp_pat
     ]
     assert spread["methods"]["shared"]["mean"] == sum(v["accuracy"] for v in values) / 2
     assert spread["differences"]["shared - zero-shot"]["runs"] == 2
+
+
+def test_the_centralized_reference_is_plain_training_whatever_the_server_optimizer(tmp_path):
+    """Pooled on one node with all nodes' steps per round; the server keeps that node's adapter, so a
+    federation tuned to fedadam or fedavgm is compared with plain training, not with server Adam."""
+    config = load_run_config(
+        overrides=[
+            'strategy="fedadam"',
+            "server-learning-rate=0.05",
+            "local-steps=4",
+            f'run-dir="{tmp_path}"',
+        ]
+    )
+    central = centralized_config(config, users=12, nodes=3)
+    assert (central.strategy, central.local_steps, central.users_per_client) == ("fedavg", 12, 12)
+    assert (central.min_nodes, central.methods, central.run_dir) == (
+        1,
+        "shared,oppu",
+        str(tmp_path / "centralized"),
+    )
+    assert central.learning_rate == config.learning_rate and central.num_rounds == config.num_rounds
