@@ -162,6 +162,7 @@ class Federation:
         timeout = self.config.timeout(phase)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        started = time.monotonic()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, transient=True) as progress:
             bar = progress.add_task(f"{label} ({len(messages)} clients)", total=len(messages))
@@ -180,6 +181,9 @@ class Federation:
                 if pending:
                     time.sleep(0.2)
         dropped |= {node: no_reply(timeout, phase) for node in waiting}
+        if not console.is_terminal:  # a log file, where the bar draws nothing: a line per phase instead
+            seconds = time.monotonic() - started
+            console.print(f"{label}: {len(replies)} of {len(messages)} clients replied ({seconds:.0f} s)")
         for node, reason in sorted(dropped.items()):
             console.print(f"[yellow]{label}: node {node} dropped[/]: {reason}")
         return replies, dropped
@@ -358,6 +362,11 @@ class Federation:
             traffic = stage.grid.take_round()
             seconds = time.monotonic() - stage.round_started  # sending the round to its aggregate
             train = {**stage.train_metrics[-1], "sampled": traffic.sampled, "seconds": seconds}
+            loss = f", train loss {train['train-loss']:.3f}" if "train-loss" in train else ""
+            console.print(
+                f"round {current}/{stage.last_round}: {train['clients']} of {traffic.sampled} sampled "
+                f"clients aggregated{loss} ({seconds:.0f} s)"
+            )
         stage.latest = weights
         self.shared_round = current
         if server_round == 0 and stage.start_round > 0:

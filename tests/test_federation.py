@@ -72,15 +72,18 @@ def _offline(msg):
 
 
 @pytest.mark.usefixtures("flower_identity")
-def test_evaluation_goes_on_without_the_nodes_that_fail_and_names_their_users(tmp_path):
+def test_evaluation_goes_on_without_the_nodes_that_fail_and_names_their_users(tmp_path, capsys):
     config = load_run_config(overrides=[f'run-dir="{tmp_path}"', "evaluate-timeout=0.5"])
     behaviour = {1: _scores("a", "b"), 2: _scores("c"), 3: _scores("d")}
     federation = Federation(BroadcastGrid(behaviour), config)
     assert set(federation.evaluate("zero-shot", None).users) == {"a", "b", "c", "d"}
+    # Not a terminal (a log file): each phase leaves a line where a terminal shows a bar.
+    assert "evaluating zero-shot: 3 of 3 clients replied (" in capsys.readouterr().err
     behaviour.update({2: _offline, 3: lambda msg: None})  # node 3 never answers
     evaluation = federation.evaluate("zero-shot", None)
     assert set(evaluation.users) == {"a", "b"} and evaluation.overall["n"] == 4
     assert evaluation.missing.users == ["c", "d"]
+    assert "evaluating zero-shot: 1 of 3 clients replied (" in capsys.readouterr().err
     assert evaluation.missing.nodes == [
         {"node": 2, "users": ["c"], "reason": "error: Node Unavailable"},
         {"node": 3, "users": ["d"], "reason": "no reply within 0.5 s (evaluate-timeout)"},

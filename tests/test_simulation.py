@@ -5,6 +5,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -200,6 +201,7 @@ def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130
     assert "Traceback" not in out + err
+    assert re.search(r"round 1/50: 2 of 2 sampled clients aggregated, train loss \d+\.\d{3} \(\d+ s\)", err)
     said = "".join(err.split())
     assert said.endswith("".join(f"interrupted: resume it with: fedoppu simulate --resume {run_dir}".split()))
     deadline = time.monotonic() + 20
