@@ -190,10 +190,11 @@ def flower_identity():
 
 
 @pytest.fixture(scope="session")
-def one_actor() -> EngineOptions:
-    """Simulated clients that take turns in one Ray actor: every actor process imports torch,
-    transformers and peft (about 7 s of a core), and the tiny model gains nothing from a second one.
-    The fault tests keep one actor per core: their timeouts assume clients answer side by side."""
+def in_process() -> EngineOptions:
+    """Simulated clients that take turns in the federation's own process (simulations/in_process.py):
+    a Ray actor would import torch, transformers and peft again (about 7 s of a core) behind Ray's own
+    start, and the tiny model gains nothing from a second client at a time. The fault tests keep Ray,
+    one actor per core: their timeouts assume clients answer side by side, and some kill their process."""
     return EngineOptions(cpus_per_client=os.cpu_count() or 1)
 
 

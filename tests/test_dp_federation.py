@@ -41,9 +41,9 @@ PERSONAL_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 
 @pytest.fixture(scope="module")
-def dp_run(tiny_run, one_actor, tmp_path_factory):
+def dp_run(tiny_run, in_process, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dp") / "run"
-    return simulate_tiny(tiny_run, OVERRIDES, one_actor, run_dir), run_dir
+    return simulate_tiny(tiny_run, OVERRIDES, in_process, run_dir), run_dir
 
 
 def test_the_run_records_its_sampling_noise_and_epsilon(dp_run):

@@ -49,7 +49,7 @@ def _config(overrides: dict):
 
 
 @pytest.fixture(scope="module")
-def attacked(tiny_run, one_actor, tmp_path_factory):
+def attacked(tiny_run, in_process, tmp_path_factory):
     root = tmp_path_factory.mktemp("attacked")
     bench = make_benchmark(BenchmarkConfig(num_users=2, min_history=8, max_history=12, queries_per_user=2))
     write_benchmark(bench, root / "data")
@@ -68,7 +68,7 @@ def attacked(tiny_run, one_actor, tmp_path_factory):
         patch.setenv("FEDOPPU_NODE_POLICY", str(root / "policy.toml"))
         for name, overrides in configs.items():
             config = _config({**overrides, "run-dir": f'"{root / name}"'})
-            run_federation(config, 2, replace(one_actor, server_app="tests.malicious_server:app"))
+            run_federation(config, 2, replace(in_process, server_app="tests.malicious_server:app"))
             seen[name] = json.loads((root / name / "attacks.json").read_text())
     return root, seen, _config({**valid, "run-dir": f'"{root / "valid"}"'})
 

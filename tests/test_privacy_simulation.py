@@ -30,11 +30,11 @@ OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def comparison(tiny_run, one_actor, tmp_path_factory):
+def comparison(tiny_run, in_process, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("privacy") / "compare"
     overrides = {**tiny_run, **OVERRIDES}
     argv = ["compare-privacy", "--federation", "run-config", "--settings", ",".join(SETTINGS)]
-    argv += ["--run-dir", str(run_dir), "--cpus-per-client", str(one_actor.cpus_per_client)]
+    argv += ["--run-dir", str(run_dir), "--cpus-per-client", str(in_process.cpus_per_client)]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
     assert main(argv) == 0

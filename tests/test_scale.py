@@ -18,7 +18,7 @@ SAMPLED = 4  # clients-per-round: 4 of 16 clients
 
 
 def test_a_round_samples_a_few_of_many_clients_and_every_user_is_personalized_and_scored(
-    tiny_run, one_actor, tmp_path
+    tiny_run, in_process, tmp_path
 ):
     overrides = {
         **tiny_run,
@@ -32,7 +32,7 @@ def test_a_round_samples_a_few_of_many_clients_and_every_user_is_personalized_an
         "run-dir": f'"{tmp_path / "run"}"',
     }
     config = load_run_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
-    simulate(config, centralized=False, engine=one_actor)
+    simulate(config, centralized=False, engine=in_process)
     metrics = read_json(tmp_path / "run" / "metrics.json")
     assert metrics["status"] == "complete"
     trained = [r for r in metrics["rounds"] if "train" in r]

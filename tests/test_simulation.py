@@ -40,12 +40,12 @@ def _config(tiny_run, run_dir, **extra):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_run, one_actor, tmp_path_factory):
+def finished_run(tiny_run, in_process, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sim") / "run"
     audit = tmp_path_factory.mktemp("audit")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDOPPU_AUDIT_LOG", str(audit))
-        simulate(_config(tiny_run, run_dir), centralized=True, engine=one_actor)
+        simulate(_config(tiny_run, run_dir), centralized=True, engine=in_process)
     return run_dir, audit
 
 
@@ -120,7 +120,7 @@ def _train_replies(audit: Path) -> int:
 
 
 def test_resume_continues_from_the_last_checkpoint_and_gives_the_uninterrupted_runs_numbers(
-    tiny_run, one_actor, finished_run, tmp_path, monkeypatch
+    tiny_run, in_process, finished_run, tmp_path, monkeypatch
 ):
     """The server is killed (SIGKILL) when round 2's updates arrive; resume trains round 2 and nothing
     before it: round 1's checkpoint file, its record and its training stay as they were. Same seed,
@@ -128,7 +128,7 @@ def test_resume_continues_from_the_last_checkpoint_and_gives_the_uninterrupted_r
     run_dir, audit = tmp_path / "run", tmp_path / "audit"
     monkeypatch.setenv("FEDOPPU_AUDIT_LOG", str(audit))
     monkeypatch.setenv(faults.KILL_AT_ROUND, "2")
-    killing = replace(one_actor, server_app="tests.faults:killed_server")
+    killing = replace(in_process, server_app="tests.faults:killed_server")
     config = _config(tiny_run, run_dir, methods='"shared,oppu"')
     with pytest.raises(FederationFailed, match="exit code -9"):
         simulate(config, centralized=False, engine=killing)
@@ -141,7 +141,7 @@ def test_resume_continues_from_the_last_checkpoint_and_gives_the_uninterrupted_r
     trained = _train_replies(audit)
     assert trained == 2 * USERS  # rounds 1 and 2 trained; round 2 was lost with the server
 
-    resume(run_dir, engine=one_actor)
+    resume(run_dir, engine=in_process)
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["status"] == "complete"
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
@@ -168,13 +168,13 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_run, one_actor, tmp_path):
+def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_run, in_process, tmp_path):
     """Ctrl-C in the terminal (SIGINT to the foreground process group) during round 2 or later."""
     run_dir = tmp_path / "run"
     marker = f"FEDOPPU_INTERRUPT_TEST={uuid.uuid4().hex}"
     overrides = {**tiny_run, "num-rounds": 50, "eval-every-round": "false", "methods": '"shared"'}
     command = [sys.executable, "-m", "simulations.cli", "simulate", "--run-dir", str(run_dir)]
-    command += ["--cpus-per-client", str(one_actor.cpus_per_client)]
+    command += ["--cpus-per-client", str(in_process.cpus_per_client)]
     command += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     process = subprocess.Popen(
@@ -207,14 +207,14 @@ def test_ctrl_c_stops_every_process_says_how_to_resume_and_the_run_resumes(tiny_
     deadline = time.monotonic() + 20
     while _processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _processes_with(marker) == []  # the federation, Ray and its workers are gone
+    assert _processes_with(marker) == []  # the federation and every process it started are gone
 
     done = read_json(run_dir / "checkpoints" / "latest.json")["round"]
     assert done < 50
     recorded = read_json(run_dir / "config.json")
     recorded["run_config"]["num-rounds"] = done + 1  # the rest of the run, shortened for the test
     (run_dir / "config.json").write_text(json.dumps(recorded))
-    resume(run_dir, engine=one_actor)
+    resume(run_dir, engine=in_process)
     metrics = read_json(run_dir / "metrics.json")
     assert [r["round"] for r in metrics["rounds"]] == list(range(done + 2))
     assert (run_dir / "checkpoints" / f"round-{done + 1:04d}").exists()
@@ -253,12 +253,12 @@ def test_the_report_gives_intervals_and_oppus_paired_differences(finished_run):
     assert {"accuracy", "accuracy_lo", "accuracy_hi"} <= set(row)
 
 
-def test_seeds_repeat_the_run_and_report_the_spread(tiny_run, one_actor, tmp_path):
+def test_seeds_repeat_the_run_and_report_the_spread(tiny_run, in_process, tmp_path):
     from simulations.cli import main
 
     overrides = {**tiny_run, "num-rounds": 1, "local-steps": 1, "methods": '"zero-shot,shared"'}
     argv = ["simulate", "--seeds", "2", "--run-dir", str(tmp_path)]
-    argv += ["--cpus-per-client", str(one_actor.cpus_per_client)]
+    argv += ["--cpus-per-client", str(in_process.cpus_per_client)]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
     assert main(argv) == 0
