@@ -8,6 +8,7 @@ and the index is built over that prefix alone, as OPPU does, so even term statis
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Sequence
 
@@ -19,6 +20,9 @@ from common.data import Item
 from common.tasks import Task
 
 _STOPWORDS = frozenset(STOPWORDS_EN)
+# bm25s sets its own logger to DEBUG when imported: wherever a handler listens (Ray's workers forward
+# every record to the run's log), each index built printed "Building index from tokens".
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 def tokenize_words(text: str) -> list[str]:

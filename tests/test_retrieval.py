@@ -1,3 +1,5 @@
+import logging
+
 from common.data import Item
 from common.prompts import build_prompt, cut_text, target_text
 from common.retrieval import HistoryRetriever, tokenize_words
@@ -107,3 +109,10 @@ def test_build_prompt_counts_tokens_with_a_tokenizer():
 def test_target_follows_the_prompt_after_a_space():
     assert target_text(TAGGING, HISTORY[0]) == " space"
     assert TAGGING.query_prompt("x").endswith("tag:")
+
+
+def test_building_an_index_logs_nothing_below_a_warning(caplog):
+    """bm25s sets its logger to DEBUG: each index would put a line in a run's log (Ray forwards it)."""
+    with caplog.at_level(logging.DEBUG):
+        HistoryRetriever(TAGGING, HISTORY).top_k("a detective and a murder", 2)
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("bm25s")] == []
