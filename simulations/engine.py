@@ -4,7 +4,8 @@ This is what `flwr run .` does inside its simulation process (flwr.simulation.ap
 SuperLink it would leave running: the components come from pyproject's [tool.flwr.app.components]
 and both sides receive the same fused run config. Ray shuts down when the call returns, so no
 background process is left behind; clients that take turns one at a time on the CPU run in the
-federation's own process instead of Ray's (simulations/in_process.py). Written against flwr 1.42 (the pinned minor version).
+federation's own process instead of Ray's (simulations/in_process.py). Written against flwr 1.42
+(the pinned minor version).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def _federations() -> multiprocessing.context.BaseContext:
     """Fresh processes forked from a server that imported the engine, the ServerApp and the ClientApp
     once (torch, transformers, peft: ~5 s of a core that every spawned federation paid again; a
     comparison or a test session runs many; the ClientApp runs in the federation's process when
-    clients take turns on the CPU). The server holds no threads, state or environment a run could inherit:
-    each federation gets this process's environment and directory when it starts (_run_in_process)."""
+    clients take turns on the CPU). The server holds no threads, state or environment a run could
+    inherit: each federation gets this process's environment and directory when it starts
+    (_run_in_process)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__, *(component.split(":")[0] for component in _components())])
     return context

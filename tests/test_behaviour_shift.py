@@ -5,7 +5,6 @@ its federation is also the IA3 federation under central DP (the shared update cl
 import contextlib
 import csv
 import io
-import os
 
 import pytest
 import torch
@@ -85,14 +84,14 @@ USERS = 2  # benchmark-users in the tiny_run fixture
 
 
 @pytest.fixture(scope="module")
-def study(tiny_run, tmp_path_factory):
+def study(tiny_run, in_process, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("study") / "run"
     overrides = {**tiny_run, "num-rounds": 1, "benchmark-shifted-queries": 3, **IA3_CENTRAL_DP}
     argv = ["study", "behaviour-shift", "--run-dir", str(run_dir), "--methods", "rag,local,oppu"]
     argv += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
     said = io.StringIO()
     with contextlib.redirect_stderr(said):
-        assert main([*argv, "--cpus-per-client", str(os.cpu_count() or 1)]) == 0
+        assert main([*argv, "--cpus-per-client", str(in_process.cpus_per_client)]) == 0
     return run_dir, said.getvalue()
 
 
