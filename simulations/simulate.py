@@ -14,6 +14,7 @@ from common.cli import console
 from common.config import METHODS, VALIDATION, ConfigError, RunConfig, default_config_values
 from common.io import atomic_write_json, read_json
 from common.loaders import load_run_dataset, num_partitions
+from common.methods import METHODS as METHOD_SPECS
 from common.precision import Precision, compute_precision
 from simulations.engine import run_federation
 from simulations.engine_options import DEFAULT_ENGINE, EngineOptions
@@ -144,12 +145,15 @@ def centralized_config(config: RunConfig, users: int, nodes: int) -> RunConfig:
     """The reference: plain training of the shared adapter on every history pooled. Its one node
     takes as many steps per round as the federation's nodes together, and the server keeps that
     node's adapter as it is (FedAvg of one node): a server optimizer (fedadam, fedavgm) or FedProx's
-    pull towards the round's start would make it something other than plain training."""
+    pull towards the round's start would make it something other than plain training. It personalizes
+    (`centralized`, pooled OPPU) only when the run asks for a method with a personal adapter on the
+    shared one: a comparison of shared adapters alone skips the hours of per-user training."""
+    personalized = any(METHOD_SPECS[m].shared and METHOD_SPECS[m].personal for m in config.method_list)
     return config.replace(
         users_per_client=users,
         local_steps=config.local_steps * nodes,
         strategy="fedavg",
-        methods="shared,oppu",
+        methods="shared,oppu" if personalized else "shared",
         run_dir=str(Path(config.run_dir) / "centralized"),
         state_dir="",
         min_nodes=1,  # its one node
@@ -169,7 +173,8 @@ def run_centralized(config: RunConfig, nodes: int, engine: EngineOptions) -> Non
     main_path = Path(config.run_dir) / "metrics.json"
     main = read_json(main_path) if main_path.exists() else {"methods": {}, "rounds": []}
     main["methods"]["centralized-shared"] = pooled["methods"]["shared"]
-    main["methods"]["centralized"] = pooled["methods"]["oppu"]
+    if "oppu" in pooled["methods"]:
+        main["methods"]["centralized"] = pooled["methods"]["oppu"]
     for key in ("task", "primary_metric", "higher_is_better", "history"):
         main.setdefault(key, pooled[key])
     atomic_write_json(main_path, main)

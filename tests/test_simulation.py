@@ -280,6 +280,7 @@ def test_the_centralized_reference_is_plain_training_whatever_the_server_optimiz
             'strategy="fedadam"',
             "server-learning-rate=0.05",
             "local-steps=4",
+            'methods="zero-shot,shared,oppu-rag"',
             f'run-dir="{tmp_path}"',
         ]
     )
@@ -291,3 +292,7 @@ def test_the_centralized_reference_is_plain_training_whatever_the_server_optimiz
         str(tmp_path / "centralized"),
     )
     assert central.learning_rate == config.learning_rate and central.num_rounds == config.num_rounds
+    # Without a personalized method on the shared adapter it trains the shared adapter alone.
+    for methods in ("shared", "zero-shot,shared,local"):
+        alone = centralized_config(config.replace(methods=methods), users=12, nodes=3)
+        assert alone.methods == "shared"
