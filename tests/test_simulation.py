@@ -292,6 +292,7 @@ def test_the_centralized_reference_is_plain_training_whatever_the_server_optimiz
         str(tmp_path / "centralized"),
     )
     assert central.learning_rate == config.learning_rate and central.num_rounds == config.num_rounds
+    assert central.max_update_norm == 0  # its update sums every node's steps: no honest-client bound
     # Without a personalized method on the shared adapter it trains the shared adapter alone.
     for methods in ("shared", "zero-shot,shared,local"):
         alone = centralized_config(config.replace(methods=methods), users=12, nodes=3)
