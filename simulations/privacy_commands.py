@@ -34,7 +34,6 @@ from common.config import (
     RunConfig,
     load_run_config,
 )
-from common.io import read_json
 from simulations.engine_options import EngineOptions, add_engine_arguments
 
 # No DP, central DP at three target epsilons (the accountant derives z for the planned rounds and the
@@ -149,12 +148,12 @@ def point_config(base: RunConfig, overrides: dict[str, Any], run_dir: Path, labe
 
 
 def run_once(config: RunConfig, label: str, engine: EngineOptions, step: str) -> Path:
-    """One federation, unless its metrics.json says it finished."""
-    from simulations.simulate import simulate  # the engine, torch and Flower: not for the CLI's parser
+    """One federation, unless a finished run of this config is there."""
+    # The engine, torch and Flower: not for the CLI's parser.
+    from simulations.simulate import finished_run, simulate
 
     run_dir = Path(config.run_dir)
-    metrics = run_dir / "metrics.json"
-    if metrics.exists() and read_json(metrics).get("status") in FINISHED:
+    if finished_run(config, FINISHED):
         console.print(f"[bold]{step} {label}[/]: already finished in {run_dir}, kept")
         return run_dir
     console.rule(f"[bold]{step} {label}")

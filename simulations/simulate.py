@@ -104,6 +104,38 @@ def simulate(config: RunConfig, *, centralized: bool, engine: EngineOptions = DE
     return run_dir
 
 
+# Keys a run sets or resolves for itself when it starts: not part of what makes two runs the same.
+RESOLVED_KEYS = ("run-dir", "resume", "device")
+
+
+def finished_run(config: RunConfig, statuses: tuple[str, ...] = ("complete",)) -> bool:
+    """Whether `config.run_dir` holds a finished run of this config, to be kept rather than run again.
+    A finished run of another config there is refused, naming the keys that differ: taking it for this
+    one would report numbers of a run nobody asked for, and running over it would lose it."""
+    run_dir = Path(config.run_dir)
+    metrics = run_dir / "metrics.json"
+    if not (metrics.exists() and read_json(metrics).get("status") in statuses):
+        return False
+    recorded_path = run_dir / "config.json"
+    recorded = read_json(recorded_path).get("run_config", {}) if recorded_path.exists() else {}
+    wanted = config.to_flower()
+    differing = [
+        key
+        for key, value in recorded.items()
+        if key in wanted
+        and key not in RESOLVED_KEYS
+        and not (key == "task" and not wanted[key])  # "" = the data's own task, recorded resolved
+        and wanted[key] != value
+    ]
+    if differing:
+        changes = "; ".join(f"{key} = {recorded[key]!r} there, {wanted[key]!r} asked" for key in differing)
+        raise ConfigError(
+            f"{run_dir} holds a finished run of another config ({changes}): "
+            "choose another --run-dir, or move that run away to run this one there"
+        )
+    return True
+
+
 def simulate_seeds(
     config: RunConfig, seeds: int, *, centralized: bool, engine: EngineOptions = DEFAULT_ENGINE
 ) -> Path:
@@ -114,10 +146,10 @@ def simulate_seeds(
     seed_dirs = {}
     for seed in range(config.seed, config.seed + seeds):
         seed_dir = run_dir / f"seed-{seed}"
-        metrics = seed_dir / "metrics.json"
-        if not (metrics.exists() and read_json(metrics).get("status") == "complete"):
+        seed_config = config.replace(seed=seed, run_dir=str(seed_dir))
+        if not finished_run(seed_config):
             console.rule(f"[bold]seed {seed}[/] ({seed - config.seed + 1} of {seeds})")
-            simulate(config.replace(seed=seed, run_dir=str(seed_dir)), centralized=centralized, engine=engine)
+            simulate(seed_config, centralized=centralized, engine=engine)
         seed_dirs[seed] = seed_dir
     write_seeds_report(run_dir, seed_dirs, console)
     return run_dir
@@ -132,8 +164,7 @@ def simulate_variants(
     variant_dirs = {}
     for index, (name, config) in enumerate(configs.items()):
         variant_dir = Path(config.run_dir)
-        metrics = variant_dir / "metrics.json"
-        if not (metrics.exists() and read_json(metrics).get("status") == "complete"):
+        if not finished_run(config):
             console.rule(f"[bold]{name}[/] ({index + 1} of {len(configs)})")
             simulate(config, centralized=centralized, engine=engine)
         variant_dirs[name] = variant_dir

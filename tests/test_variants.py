@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from common.config import ConfigError
 from common.io import atomic_write_json, read_json
 from common.tasks import get_task
 from simulations.cli import main
@@ -88,6 +89,41 @@ def test_the_study_runs_one_federation_per_variant_with_its_keys_and_writes_the_
     ran.clear()
     assert main(args) == 0
     assert ran == []
+
+
+def test_a_finished_run_of_another_config_is_refused_not_taken_for_the_asked_one(tmp_path, capsys):
+    """`tune`, `study`, `--seeds` and compare-privacy keep a finished run; one recorded with other keys
+    (a copied or stale directory) must not stand in for the run asked for, nor be run over."""
+    from common.config import load_run_config
+    from simulations.simulate import finished_run
+
+    config = load_run_config(overrides=[f'run-dir="{tmp_path}"', "learning-rate=0.01"])
+    assert not finished_run(config)  # nothing there yet
+    atomic_write_json(tmp_path / "metrics.json", _metrics({"shared": [4] * len(USERS)}))
+    recorded = {**config.to_flower(), "task": "tagging", "device": "cpu"}  # as the run resolved them
+    atomic_write_json(tmp_path / "config.json", {"run_config": recorded})
+    assert finished_run(config.replace(task=""))  # "" = the data's own task: resolved, not a change
+    atomic_write_json(tmp_path / "config.json", {"run_config": {**recorded, "learning-rate": 0.02}})
+    with pytest.raises(ConfigError, match=r"learning-rate = 0.02 there, 0.01 asked"):
+        finished_run(config)
+    # through a command: a clear error, and the run there is left as it was
+    args = [
+        "tune",
+        "--methods",
+        "shared",
+        "--run-dir",
+        str(tmp_path.parent / "t"),
+        "--vary",
+        "learning-rate=[0.01]",
+    ]
+    variant = tmp_path.parent / "t" / "learning-rate=0.01"
+    atomic_write_json(variant / "metrics.json", _metrics({"shared": [4] * len(USERS)}))
+    tuned = {**recorded, "split": "validation", "methods": "shared", "lora-r": 2}
+    atomic_write_json(variant / "config.json", {"run_config": tuned})
+    assert main(args) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert f"{variant} holds a finished run of another config (lora-r = 2 there, 8 asked)" in error
+    assert read_json(variant / "config.json")["run_config"]["lora-r"] == 2
 
 
 def test_a_study_of_variants_refuses_seeds(tmp_path, capsys):
