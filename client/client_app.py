@@ -204,6 +204,7 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=float(protocol.config_value(msg, protocol.PROXIMAL_MU, 0.0)),
             hidden=hidden,
             frozen=frozen,
+            optimizer=config.shared_optimizer,
         )
     wire = WIRE_DTYPES[config.wire_dtype]
     trained = resident.state(SHARED)

@@ -213,9 +213,10 @@ def train_slot(
     hidden: HiddenStates | None = None,
     on_step: Callable[[int, float], bool | None] | None = None,
     frozen: tuple[str, ...] = (),
+    optimizer: str = "adamw",
 ) -> TrainResult:
-    """Train one slot with AdamW for `steps` batches; FedProx adds mu/2 * ||w - w_start||^2. Parameters
-    whose names contain one of `frozen` keep their values (FFA-LoRA's "lora_A").
+    """Train one slot with AdamW (or plain SGD: `optimizer = "sgd"`) for `steps` batches; FedProx adds
+    mu/2 * ||w - w_start||^2. Parameters whose names contain one of `frozen` keep their values (FFA-LoRA's "lora_A").
     `on_step(step, loss)` runs after each step; when it returns True, training stops there.
 
     With adapters on the top layers only, `hidden` keeps the states below them across calls (a
@@ -226,21 +227,25 @@ def train_slot(
         hidden = HiddenStates(resident, limit_bytes=2**62)
     params = resident.trainable(slot, frozen)
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    step_rule = (
+        torch.optim.SGD(params, lr=learning_rate)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    )
     resident.peft.train()
     losses, seen, tokens = [], 0, 0
     try:
         for step, batch in enumerate(
             bucketed_batches([len(e.input_ids) for e in examples], batch_size, steps, seed)
         ):
-            optimizer.zero_grad(set_to_none=True)
+            step_rule.zero_grad(set_to_none=True)
             loss, batch_tokens = _accumulate(
                 resident, [examples[i] for i in batch], micro_batch_size, autocast_bf16, hidden
             )
             if anchor:
                 proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 (proximal_mu / 2 * proximal).backward()
-            optimizer.step()
+            step_rule.step()
             losses.append(loss)
             seen += len(batch)
             tokens += batch_tokens

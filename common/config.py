@@ -25,6 +25,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
 PROFILE_MODES = ("summary", "generated")
 PEFT_TYPES = ("lora", "dora", "ia3")
 WIRE_DTYPES = ("fp32", "fp16")
+SHARED_OPTIMIZERS = ("adamw", "sgd")  # the shared adapter's local steps (client/training.py)
 DP_CLIPPING = (
     "adaptive",
     "fixed",
@@ -51,6 +52,7 @@ _CHOICES = {
     "profile": PROFILE_MODES,
     "peft_type": PEFT_TYPES,
     "wire_dtype": WIRE_DTYPES,
+    "shared_optimizer": SHARED_OPTIMIZERS,
     "dtype": ("fp32", "bf16"),
     "privacy": PRIVACY_SETTINGS,
     "dp_clipping": DP_CLIPPING,
@@ -111,6 +113,7 @@ class RunConfig:
     batch_size: int
     micro_batch_size: int
     learning_rate: float
+    shared_optimizer: str
     wire_dtype: str
     privacy: str
     noise_multiplier: float

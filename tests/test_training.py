@@ -141,6 +141,31 @@ def test_fedprox_term_keeps_weights_closer_to_the_start(tiny_model):
     assert drift(50.0) < drift(0.0)
 
 
+def test_sgd_steps_follow_the_gradient_where_a_fresh_adamw_moves_every_weight_alike(tiny_model):
+    """Why `shared-optimizer = sgd` exists: under DP a client's update is clipped to a norm, and AdamW's
+    first step (lr * g / |g| per weight) spends that norm on every weight equally, signal or not."""
+    model, tokenizer = tiny_model
+    resident = ResidentModel(model, tokenizer, AdapterSpec())
+    examples = [encode_example(tokenizer, "prompt " * (i + 1), " target" * (1 + i % 3), 64) for i in range(6)]
+    start = _with_random_b(resident.fresh(SHARED, 0))
+
+    def update(optimizer, lr):
+        resident.load(SHARED, start)
+        train_slot(
+            resident, SHARED, examples, steps=1, batch_size=6, learning_rate=lr, seed=0, optimizer=optimizer
+        )
+        return torch.cat([(resident.state(SHARED)[k] - start[k]).flatten() for k in start])
+
+    sgd, half = update("sgd", 1.0), update("sgd", 0.5)
+    assert torch.allclose(half, 0.5 * sgd, atol=1e-6)  # linear in the gradient: -lr * g
+    moved = sgd.abs()[sgd != 0]
+    assert moved.max() > 100 * moved.median()  # the gradient's own spread of magnitudes
+    adamw = update("adamw", 1e-3).abs()
+    adamw = adamw[adamw != 0]
+    assert adamw.numel() == moved.numel() and adamw.max() <= 1.001e-3
+    assert (adamw > 0.95e-3).float().mean() > 0.9  # nearly every weight by lr (eps damps the tiniest)
+
+
 def mixed_and_per_user_answers(resident: ResidentModel) -> tuple[list[list[str]], list[list[str]]]:
     """Four users' answers (three with random personal adapters, one without) in mixed batches, and
     the same answered one user and one query at a time."""
