@@ -44,6 +44,15 @@ NOISELESS = ("none", "secagg")
 EPSILON = "eps"  # `setting@eps4`: a target epsilon; `setting@1`: a noise multiplier
 REFERENCE = "reference"  # the run of the methods no privacy setting changes
 REFERENCE_METHODS = "zero-shot,local"
+# What the shared adapter's training and its privacy read, and the reference's methods never do: a
+# reference run finished under other values of these is the same reference.
+SHARED_ADAPTER_KEYS = (
+    *("num-rounds", "fraction-train", "clients-per-round", "sample-rate", "strategy", "proximal-mu"),
+    *("server-learning-rate", "server-momentum", "trim-beta", "shared-ffa-lora", "shared-lora-r"),
+    *("shared-lora-alpha", "shared-target-modules", "shared-adapter-layers", "local-steps"),
+    *("learning-rate", "shared-optimizer", "wire-dtype", "privacy", "noise-multiplier", "clipping-norm"),
+    *("dp-delta", "max-epsilon", "target-epsilon", "dp-clipping", "dp-server-momentum"),
+)
 SETTING_METHODS = "shared,oppu"
 
 # What every setting of a default comparison shares: Poisson sampling at q = 0.1 (about 20 of 200
@@ -147,13 +156,15 @@ def point_config(base: RunConfig, overrides: dict[str, Any], run_dir: Path, labe
     return config
 
 
-def run_once(config: RunConfig, label: str, engine: EngineOptions, step: str) -> Path:
-    """One federation, unless a finished run of this config is there."""
+def run_once(
+    config: RunConfig, label: str, engine: EngineOptions, step: str, ignored: tuple[str, ...] = ()
+) -> Path:
+    """One federation, unless a finished run of this config (but for `ignored` keys) is there."""
     # The engine, torch and Flower: not for the CLI's parser.
     from simulations.simulate import finished_run, simulate
 
     run_dir = Path(config.run_dir)
-    if finished_run(config, FINISHED):
+    if finished_run(config, FINISHED, ignored):
         console.print(f"[bold]{step} {label}[/]: already finished in {run_dir}, kept")
         return run_dir
     console.rule(f"[bold]{step} {label}")
@@ -164,7 +175,8 @@ def run_reference(base: RunConfig, run_dir: Path, engine: EngineOptions, step: s
     """zero-shot and local, once for every setting: neither uses the shared adapter."""
     overrides = {"privacy": "none", "methods": REFERENCE_METHODS}
     config = point_config(base, overrides, run_dir / "runs" / REFERENCE, REFERENCE)
-    return run_once(config, f"{REFERENCE} ({REFERENCE_METHODS}, shared by every setting)", engine, step)
+    label = f"{REFERENCE} ({REFERENCE_METHODS}, shared by every setting)"
+    return run_once(config, label, engine, step, SHARED_ADAPTER_KEYS)
 
 
 def run_point(

@@ -8,6 +8,7 @@ shared-adapter steps, so it is the non-private reference on the same users, quer
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from common.cli import console
@@ -108,10 +109,13 @@ def simulate(config: RunConfig, *, centralized: bool, engine: EngineOptions = DE
 RESOLVED_KEYS = ("run-dir", "resume", "device")
 
 
-def finished_run(config: RunConfig, statuses: tuple[str, ...] = ("complete",)) -> bool:
+def finished_run(
+    config: RunConfig, statuses: tuple[str, ...] = ("complete",), ignored: Collection[str] = ()
+) -> bool:
     """Whether `config.run_dir` holds a finished run of this config, to be kept rather than run again.
     A finished run of another config there is refused, naming the keys that differ: taking it for this
-    one would report numbers of a run nobody asked for, and running over it would lose it."""
+    one would report numbers of a run nobody asked for, and running over it would lose it. `ignored`:
+    keys the run's methods never read."""
     run_dir = Path(config.run_dir)
     metrics = run_dir / "metrics.json"
     if not (metrics.exists() and read_json(metrics).get("status") in statuses):
@@ -124,6 +128,7 @@ def finished_run(config: RunConfig, statuses: tuple[str, ...] = ("complete",)) -
         for key, value in recorded.items()
         if key in wanted
         and key not in RESOLVED_KEYS
+        and key not in ignored
         and not (key == "task" and not wanted[key])  # "" = the data's own task, recorded resolved
         and wanted[key] != value
     ]

@@ -53,6 +53,26 @@ def test_every_default_setting_is_a_valid_run_config_of_each_federation(federati
             assert config.sample_rate == base.sample_rate
 
 
+def test_the_reference_is_kept_across_shared_adapter_keys_and_refused_across_personal_ones(tmp_path):
+    """zero-shot and local never read the shared adapter's training or privacy keys: a reference
+    finished under other values of them is the same reference; under another personal layout it is not."""
+    from common.io import atomic_write_json
+    from simulations.privacy_commands import run_reference
+
+    base = load_run_config(None, [], preset=FEDERATIONS["run-config"])
+    reference_dir = tmp_path / "runs" / "reference"
+    atomic_write_json(reference_dir / "metrics.json", {"status": "complete"})
+    recorded = point_config(base, {"privacy": "none", "methods": "zero-shot,local"}, reference_dir, "r")
+    changed = {"learning-rate": 20.0, "shared-optimizer": "sgd", "shared-lora-r": 2, "num-rounds": 30}
+    atomic_write_json(reference_dir / "config.json", {"run_config": {**recorded.to_flower(), **changed}})
+    assert run_reference(base, tmp_path, engine=None) == reference_dir  # kept: nothing was run
+    atomic_write_json(
+        reference_dir / "config.json", {"run_config": {**recorded.to_flower(), **changed, "lora-r": 2}}
+    )
+    with pytest.raises(ConfigError, match="lora-r = 2 there, 8 asked"):
+        run_reference(base, tmp_path, engine=None)
+
+
 def _entry(task, correct: int, wrong: str = "orin", gold: str = "vexa") -> dict:
     """A method's record: `correct` right answers of 2 * USERS, the first users answering right."""
     counts = {}
