@@ -216,7 +216,8 @@ def train_slot(
     optimizer: str = "adamw",
 ) -> TrainResult:
     """Train one slot with AdamW (or plain SGD: `optimizer = "sgd"`) for `steps` batches; FedProx adds
-    mu/2 * ||w - w_start||^2. Parameters whose names contain one of `frozen` keep their values (FFA-LoRA's "lora_A").
+    mu/2 * ||w - w_start||^2. Parameters whose names contain one of `frozen` keep their values
+    (FFA-LoRA's "lora_A").
     `on_step(step, loss)` runs after each step; when it returns True, training stops there.
 
     With adapters on the top layers only, `hidden` keeps the states below them across calls (a
