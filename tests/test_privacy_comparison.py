@@ -10,9 +10,17 @@ import json
 import pytest
 
 from common.config import POISSON_SAMPLING, ConfigError, load_run_config
+from common.io import atomic_write_json
 from common.metrics import merge_counts, metric_counts, metrics_from_counts
 from common.tasks import get_task
-from simulations.privacy_commands import DEFAULT_SETTINGS, FEDERATIONS, GridPoint, parse_grid, point_config
+from simulations.privacy_commands import (
+    DEFAULT_SETTINGS,
+    FEDERATIONS,
+    GridPoint,
+    parse_grid,
+    point_config,
+    run_reference,
+)
 from simulations.privacy_report import Scores, comparison_rows, research_answer, write_privacy_report
 
 USERS = 20  # 2 queries each: a pooled accuracy is a multiple of 1/40
@@ -56,9 +64,6 @@ def test_every_default_setting_is_a_valid_run_config_of_each_federation(federati
 def test_the_reference_is_kept_across_shared_adapter_keys_and_refused_across_personal_ones(tmp_path):
     """zero-shot and local never read the shared adapter's training or privacy keys: a reference
     finished under other values of them is the same reference; under another personal layout it is not."""
-    from common.io import atomic_write_json
-    from simulations.privacy_commands import run_reference
-
     base = load_run_config(None, [], preset=FEDERATIONS["run-config"])
     reference_dir = tmp_path / "runs" / "reference"
     atomic_write_json(reference_dir / "metrics.json", {"status": "complete"})

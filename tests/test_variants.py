@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError
+from common.config import ConfigError, load_run_config
 from common.io import atomic_write_json, read_json
 from common.tasks import get_task
 from simulations.cli import main
+from simulations.simulate import finished_run
 from simulations.statistics import summarize
 from simulations.variants import compare_variants, write_variants_report
 
@@ -94,9 +95,6 @@ def test_the_study_runs_one_federation_per_variant_with_its_keys_and_writes_the_
 def test_a_finished_run_of_another_config_is_refused_not_taken_for_the_asked_one(tmp_path, capsys):
     """`tune`, `study`, `--seeds` and compare-privacy keep a finished run; one recorded with other keys
     (a copied or stale directory) must not stand in for the run asked for, nor be run over."""
-    from common.config import load_run_config
-    from simulations.simulate import finished_run
-
     config = load_run_config(overrides=[f'run-dir="{tmp_path}"', "learning-rate=0.01"])
     assert not finished_run(config)  # nothing there yet
     atomic_write_json(tmp_path / "metrics.json", _metrics({"shared": [4] * len(USERS)}))
