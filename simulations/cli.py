@@ -110,7 +110,7 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 def tune_command(args: argparse.Namespace) -> int:
     from common.config import VALIDATION, ConfigError, load_run_config
-    from simulations.simulate import expand_methods, new_run_dir
+    from simulations.simulate import centralized_methods, expand_methods, new_run_dir
     from simulations.tuning import choose, grid
 
     config = load_run_config(args.config, args.set, preset=args.preset)
@@ -124,7 +124,10 @@ def tune_command(args: argparse.Namespace) -> int:
             "fedoppu tune: runs one seed (--set seed=N); rerun the same --run-dir to continue it"
         )
     args.variants = grid(args.vary)
-    methods = expand_methods(args.methods)[0].split(",") if args.methods else config.method_list
+    methods, centralized = expand_methods(args.methods) if args.methods else (config.methods, False)
+    methods = [m for m in methods.split(",") if m]
+    if centralized:  # the reference's learning rate is tuned like the federation's, on validation
+        methods += centralized_methods(methods)
     target = args.target or methods[0]
     if target not in methods:
         raise ConfigError(f"fedoppu tune --target {target}: not among the methods run ({', '.join(methods)})")

@@ -177,6 +177,13 @@ def simulate_variants(
     return run_dir
 
 
+def centralized_methods(method_list: list[str]) -> list[str]:
+    """What the centralized reference reports for a run of these methods: its shared adapter, and
+    pooled OPPU (`centralized`) only when a method puts a personal adapter on the shared one."""
+    personalized = any(METHOD_SPECS[m].shared and METHOD_SPECS[m].personal for m in method_list)
+    return ["centralized-shared", "centralized"] if personalized else ["centralized-shared"]
+
+
 def centralized_config(config: RunConfig, users: int, nodes: int) -> RunConfig:
     """The reference: plain training of the shared adapter on every history pooled. Its one node
     takes as many steps per round as the federation's nodes together, and the server keeps that
@@ -184,7 +191,7 @@ def centralized_config(config: RunConfig, users: int, nodes: int) -> RunConfig:
     pull towards the round's start would make it something other than plain training. It personalizes
     (`centralized`, pooled OPPU) only when the run asks for a method with a personal adapter on the
     shared one: a comparison of shared adapters alone skips the hours of per-user training."""
-    personalized = any(METHOD_SPECS[m].shared and METHOD_SPECS[m].personal for m in config.method_list)
+    personalized = "centralized" in centralized_methods(config.method_list)
     return config.replace(
         users_per_client=users,
         local_steps=config.local_steps * nodes,
@@ -215,7 +222,8 @@ def run_centralized(config: RunConfig, nodes: int, engine: EngineOptions) -> Non
     main["methods"]["centralized-shared"] = pooled["methods"]["shared"]
     if "oppu" in pooled["methods"]:
         main["methods"]["centralized"] = pooled["methods"]["oppu"]
-    for key in ("task", "primary_metric", "higher_is_better", "history"):
+    # A run of the reference alone (`--methods centralized`) is as finished as its pooled node.
+    for key in ("task", "primary_metric", "higher_is_better", "history", "status"):
         main.setdefault(key, pooled[key])
     atomic_write_json(main_path, main)
 

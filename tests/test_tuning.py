@@ -111,3 +111,25 @@ def test_tune_runs_each_combination_on_the_validation_split_and_picks_the_best(t
     err = capsys.readouterr().err
     assert "tuning reads the validation split only" in err
     assert "--target rag: not among the methods run (shared, oppu)" in err
+
+
+def test_tune_chooses_the_centralized_references_own_learning_rate(tmp_path, monkeypatch, capsys):
+    ran = []
+
+    def fake_simulate(config, *, centralized, engine):
+        ran.append((config.method_list, centralized, config.learning_rate))
+        pooled = 3 + (config.learning_rate == 0.005)  # the pooled node wants the smaller rate
+        atomic_write_json(
+            Path(config.run_dir) / "metrics.json", _metrics({"centralized-shared": [pooled] * len(USERS)})
+        )
+        return Path(config.run_dir)
+
+    monkeypatch.setattr("simulations.simulate.simulate", fake_simulate)
+    args = ["tune", "--run-dir", str(tmp_path / "tune"), "--methods", "centralized"]
+    assert main([*args, "--vary", "learning-rate=[0.01, 0.005]"]) == 0
+    assert ran == [([], True, 0.01), ([], True, 0.005)]  # the reference alone, no federation
+    assert read_json(tmp_path / "tune" / "tune.json")["best"] == "learning-rate=0.005"
+    # pooled OPPU is run, and can be a target, only with a method that personalizes the shared adapter
+    assert main([*args, "--target", "centralized", "--vary", "learning-rate=[0.01]"]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert "--target centralized: not among the methods run (centralized-shared)" in err
