@@ -84,8 +84,9 @@ def simulate(config: RunConfig, *, centralized: bool, engine: EngineOptions = DE
         console.print(
             "[bold]validation split[/]: each user's newest history items are the queries; no test query is read"
         )
+    methods = ",".join(config.method_list + (["centralized"] if centralized else []))
     console.print(
-        f"[bold]fedoppu[/] {config.task}: {nodes} clients, {config.num_rounds} rounds, methods {config.methods}, "
+        f"[bold]fedoppu[/] {config.task}: {nodes} clients, {config.num_rounds} rounds, methods {methods}, "
         f"{precision.name} on {where}"
     )
     console.print(f"results: {run_dir}")
