@@ -22,6 +22,14 @@ from common.methods import METHODS as _METHODS
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg")
+# The keys only some strategies read (server/strategy.py); under any other strategy they change nothing.
+STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
+    "fedprox": ("proximal-mu",),
+    "fedadam": ("server-learning-rate",),
+    "fedyogi": ("server-learning-rate",),
+    "fedavgm": ("server-learning-rate", "server-momentum"),
+    "fedtrimmedavg": ("trim-beta",),
+}
 PROFILE_MODES = ("summary", "generated")
 PEFT_TYPES = ("lora", "dora", "ia3")
 WIRE_DTYPES = ("fp32", "fp16")
@@ -353,6 +361,12 @@ class RunConfig:
     def uniform_client_weights(self) -> bool:
         """Under any privacy layer every client counts once: user-level sensitivity, no example counts."""
         return self.privacy != "none"
+
+    @property
+    def unread_strategy_keys(self) -> set[str]:
+        """The strategy keys this run's strategy never reads: two runs differing only there are the same."""
+        every = {key for keys in STRATEGY_KEYS.values() for key in keys}
+        return every - set(STRATEGY_KEYS.get(self.strategy, ()))
 
     @property
     def method_list(self) -> list[str]:

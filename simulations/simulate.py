@@ -116,7 +116,7 @@ def finished_run(
     """Whether `config.run_dir` holds a finished run of this config, to be kept rather than run again.
     A finished run of another config there is refused, naming the keys that differ: taking it for this
     one would report numbers of a run nobody asked for, and running over it would lose it. `ignored`:
-    keys the run's methods never read."""
+    keys the run's methods never read; the keys its strategy never reads are ignored too."""
     run_dir = Path(config.run_dir)
     metrics = run_dir / "metrics.json"
     if not (metrics.exists() and read_json(metrics).get("status") in statuses):
@@ -124,6 +124,7 @@ def finished_run(
     recorded_path = run_dir / "config.json"
     recorded = read_json(recorded_path).get("run_config", {}) if recorded_path.exists() else {}
     wanted = config.to_flower()
+    ignored = {*ignored, *config.unread_strategy_keys}
     differing = [
         key
         for key, value in recorded.items()

@@ -104,6 +104,11 @@ def test_a_finished_run_of_another_config_is_refused_not_taken_for_the_asked_one
     atomic_write_json(tmp_path / "config.json", {"run_config": {**recorded, "learning-rate": 0.02}})
     with pytest.raises(ConfigError, match=r"learning-rate = 0.02 there, 0.01 asked"):
         finished_run(config)
+    # a key its strategy never reads changes nothing: FedAvg has no server learning rate
+    atomic_write_json(tmp_path / "config.json", {"run_config": {**recorded, "server-learning-rate": 1.0}})
+    assert finished_run(config)
+    with pytest.raises(ConfigError, match=r"server-learning-rate = 1.0 there, 0.01 asked"):
+        finished_run(config.replace(strategy="fedavgm"))
     # through a command: a clear error, and the run there is left as it was
     args = [
         "tune",
