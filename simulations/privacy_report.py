@@ -273,10 +273,15 @@ def research_answer(reference: dict, runs: dict[str, dict], scores: Scores) -> l
     return lines
 
 
+# The share panel's view: a share far below 0 (DP left a method below zero-shot by several times its
+# gain) with its wide interval would squeeze every other curve flat; such points sit on the edge, marked.
+SHARE_VIEW = (-1.0, 1.5)
+
+
 def plot_utility_vs_epsilon(rows: list[dict], metric: str, path: Path) -> None:
     """Left: shared-only (solid) and OPPU (dashed) against epsilon per DP setting, 95% intervals, with
     the levels that do not depend on epsilon as lines. Right: the share of the non-private gain over
-    zero-shot that each keeps."""
+    zero-shot that each keeps, shown within SHARE_VIEW (points beyond it on the edge, with their value)."""
     figure, (utility_axis, share_axis) = plt.subplots(1, 2, figsize=(12, 4.2))
     private = sorted(
         (r for r in rows if r["epsilon"] is not None and r["epsilon"] > 0), key=lambda r: r["epsilon"]
@@ -302,6 +307,13 @@ def plot_utility_vs_epsilon(rows: list[dict], metric: str, path: Path) -> None:
                 ]
                 axis.errorbar(xs, ys, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], linestyle=style,
                               marker=marker, color=color, capsize=3)  # fmt: skip
+                if axis is share_axis:
+                    for x, y in zip(xs, ys, strict=True):
+                        edge = min(max(y, SHARE_VIEW[0]), SHARE_VIEW[1])
+                        if edge != y:
+                            axis.plot([x], [edge], marker="v" if y < edge else "^", color=color, markersize=9)
+                            axis.annotate(f"{y:.2g}", (x, edge), textcoords="offset points", xytext=(6, 0),
+                                          color=color, fontsize=7, va="center")  # fmt: skip
             axis.plot([], [], color=color, label=setting)
     levels = {
         ("none", "shared"): ("gray", "-", "shared, no DP"),
@@ -325,6 +337,8 @@ def plot_utility_vs_epsilon(rows: list[dict], metric: str, path: Path) -> None:
         axis.legend(fontsize=7)
     share_axis.axhline(1.0, color="gray", linewidth=0.8)
     share_axis.axhline(0.0, color="gray", linewidth=0.8)
+    low, high = share_axis.get_ylim()
+    share_axis.set_ylim(max(low, SHARE_VIEW[0] - 0.1), min(high, SHARE_VIEW[1] + 0.1))
     utility_axis.set(
         xlabel="epsilon (user-level, at the run's delta)", ylabel=metric, title="Utility versus privacy"
     )
