@@ -24,6 +24,11 @@ from simulations.variants import compare_variants
 
 # Keys a tuning grid cannot vary: the split it is scored on, and where its runs go.
 _FIXED = ("split", "run-dir", "resume", "state-dir")
+# The default methods never run the centralized reference: its winner is scored with it asked for.
+_REFERENCE_METHODS = {
+    "centralized-shared": "--methods centralized ",
+    "centralized": "--methods oppu,centralized ",
+}
 
 
 def _text(value: Any) -> str:
@@ -120,6 +125,7 @@ def choose(run_dir: Path, variants: dict[str, dict[str, Any]], target: str, cons
         f"best on validation: [bold]{best}[/]"
         + (f"; not told apart from it: {', '.join(tied)}" if tied else "")
         + "\nscore it on the test queries: fedoppu simulate "
+        + _REFERENCE_METHODS.get(target, "")
         + " ".join(f"--set {setting}" for setting in result["set"]),
         soft_wrap=True,  # a command to copy: never broken across lines
     )

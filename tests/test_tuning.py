@@ -129,6 +129,7 @@ def test_tune_chooses_the_centralized_references_own_learning_rate(tmp_path, mon
     assert main([*args, "--vary", "learning-rate=[0.01, 0.005]"]) == 0
     assert ran == [([], True, 0.01), ([], True, 0.005)]  # the reference alone, no federation
     assert read_json(tmp_path / "tune" / "tune.json")["best"] == "learning-rate=0.005"
+    assert "fedoppu simulate --methods centralized --set learning-rate=0.005" in capsys.readouterr().err
     # pooled OPPU is run, and can be a target, only with a method that personalizes the shared adapter
     assert main([*args, "--target", "centralized", "--vary", "learning-rate=[0.01]"]) == 2
     err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
