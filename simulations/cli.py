@@ -124,8 +124,8 @@ def tune_command(args: argparse.Namespace) -> int:
             "fedoppu tune: runs one seed (--set seed=N); rerun the same --run-dir to continue it"
         )
     args.variants = grid(args.vary)
-    methods, centralized = expand_methods(args.methods) if args.methods else (config.methods, False)
-    methods = [m for m in methods.split(",") if m]
+    names, centralized = expand_methods(args.methods) if args.methods else (config.methods, False)
+    methods = [m for m in names.split(",") if m]
     if centralized:  # the reference's learning rate is tuned like the federation's, on validation
         methods += centralized_methods(methods)
     target = args.target or methods[0]
