@@ -425,7 +425,9 @@ class Federation:
         if self.failure is None:
             for name in methods:
                 method = METHODS[name]
-                if method.personal:
+                if method.personal and not self.redo(name):
+                    console.print(f"{name}: scored for every user before the resume, kept")
+                elif method.personal:
                     base = shared if method.shared else None
                     self.personalize(name, base)
                     self.evaluate_method(name, base)

@@ -8,6 +8,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 
+from common import protocol
 from common.config import load_run_config
 from server.federation import ClientFailure, Federation, NodesUnavailable, user_counts, wait_for_nodes
 
@@ -131,3 +132,30 @@ def test_a_resumed_run_names_the_users_of_a_node_that_dies_before_it_answers_aga
     assert set(evaluation.users) == {"a"} and evaluation.missing.users == ["c"]
     # personalization replies name no users: the node's users come from the replies of the earlier run
     assert resumed.missing({2: "error: Node Unavailable"}).users == ["c"]
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_resumed_run_does_not_score_again_a_personal_method_it_scored_for_every_user(tmp_path, capsys):
+    """local was scored for both users before the stop: the resume sends it nothing; rag, which the
+    first run never asked for, is scored."""
+    overrides = [f'run-dir="{tmp_path}"', "methods=local"]
+    sent: list[str] = []
+
+    def scores(*users):
+        answer = _scores(*users)
+
+        def reply(msg):
+            sent.append(msg.metadata.message_type)
+            return answer(msg)
+
+        return reply
+
+    behaviour = {1: scores("a"), 2: scores("b")}
+    Federation(BroadcastGrid(behaviour), load_run_config(overrides=overrides)).run(["local"])
+    assert len(sent) == 4  # personalize and evaluate, on two nodes
+    sent.clear()
+    resumed = Federation(BroadcastGrid(behaviour), load_run_config(overrides=[*overrides, "resume=true"]))
+    resumed.run(["local", "rag"])
+    assert sent == [protocol.EVALUATE] * 2  # rag only
+    assert "local: scored for every user before the resume, kept" in capsys.readouterr().err
+    assert set(resumed.recorder.data["methods"]) == {"local", "rag"}
