@@ -30,6 +30,14 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
     "fedavgm": ("server-learning-rate", "server-momentum"),
     "fedtrimmedavg": ("trim-beta",),
 }
+# The keys only DP reads (server/privacy.py, client/mods.py): without noise they change nothing.
+DP_KEYS = (
+    *("noise-multiplier", "clipping-norm", "dp-delta", "max-epsilon", "target-epsilon"),
+    *("dp-clipping", "dp-server-momentum"),
+)
+NOISELESS_PRIVACY = ("none", "secagg")
+# The keys only the per-user gate reads (client/gate.py): under personal-gate = "none" they change nothing.
+GATE_KEYS = ("personal-holdout", "personal-gate-evals", "personal-gate-weights", "personal-gate-refit")
 PROFILE_MODES = ("summary", "generated")
 PEFT_TYPES = ("lora", "dora", "ia3")
 WIRE_DTYPES = ("fp32", "fp16")
@@ -363,10 +371,16 @@ class RunConfig:
         return self.privacy != "none"
 
     @property
-    def unread_strategy_keys(self) -> set[str]:
-        """The strategy keys this run's strategy never reads: two runs differing only there are the same."""
+    def unread_keys(self) -> set[str]:
+        """The keys this run never reads (another strategy's, DP's without noise, the gate's without a
+        gate): two runs differing only there are the same run."""
         every = {key for keys in STRATEGY_KEYS.values() for key in keys}
-        return every - set(STRATEGY_KEYS.get(self.strategy, ()))
+        unread = every - set(STRATEGY_KEYS.get(self.strategy, ()))
+        if self.privacy in NOISELESS_PRIVACY:
+            unread.update(DP_KEYS)
+        if self.personal_gate == "none":
+            unread.update(GATE_KEYS)
+        return unread
 
     @property
     def method_list(self) -> list[str]:

@@ -27,6 +27,7 @@ from rich.console import Console
 
 from common.cli import Interrupted, add_run_config_arguments, console, sigterm_interrupts
 from common.config import (
+    NOISELESS_PRIVACY,
     POISSON_SAMPLING,
     PRIVACY_SETTINGS,
     PROJECT_DIR,
@@ -40,7 +41,6 @@ from simulations.engine_options import EngineOptions, add_engine_arguments
 # sampling rate), local DP at the run config's z, and SecAgg+ (noiseless).
 DEFAULT_SETTINGS = "none,central-dp@eps2,central-dp@eps4,central-dp@eps8,local-dp,secagg"
 FINISHED = ("complete", "stopped-early")
-NOISELESS = ("none", "secagg")
 EPSILON = "eps"  # `setting@eps4`: a target epsilon; `setting@1`: a noise multiplier
 REFERENCE = "reference"  # the run of the methods no privacy setting changes
 REFERENCE_METHODS = "zero-shot,local"
@@ -109,7 +109,7 @@ class GridPoint:
 
     @property
     def label(self) -> str:
-        if self.setting in NOISELESS:
+        if self.setting in NOISELESS_PRIVACY:
             return self.setting
         if self.target_epsilon is not None:
             return f"{self.setting}-{EPSILON}{self.target_epsilon:g}"
@@ -139,7 +139,7 @@ def parse_grid(settings: str, noise_multipliers: str | None, default_noise: floa
         name, _, level = item.partition("@")
         if name not in PRIVACY_SETTINGS:
             raise ConfigError(f"--settings has {name!r}; expected settings from {PRIVACY_SETTINGS}")
-        if name in NOISELESS:
+        if name in NOISELESS_PRIVACY:
             points.append(GridPoint(name))
             continue
         try:

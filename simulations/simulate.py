@@ -11,6 +11,7 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
+from client.users import simulated_state_root
 from common.cli import console
 from common.config import METHODS, VALIDATION, ConfigError, RunConfig, default_config_values
 from common.io import atomic_write_json, read_json
@@ -19,6 +20,7 @@ from common.methods import METHODS as METHOD_SPECS
 from common.precision import Precision, compute_precision
 from simulations.engine import run_federation
 from simulations.engine_options import DEFAULT_ENGINE, EngineOptions
+from simulations.gates import gate_decisions
 from simulations.placement import place_clients
 from simulations.report import write_report, write_seeds_report
 from simulations.variants import write_variants_report
@@ -101,6 +103,8 @@ def simulate(config: RunConfig, *, centralized: bool, engine: EngineOptions = DE
     metrics = read_json(metrics_path)
     previous = metrics.get("wall_seconds", 0.0) if config.resume else 0.0
     metrics["wall_seconds"] = previous + time.perf_counter() - started
+    if gates := gate_decisions(simulated_state_root(config, run_dir), config.method_list):
+        metrics["gates"] = gates
     atomic_write_json(metrics_path, metrics)
     write_report(run_dir, console)
     return run_dir
@@ -116,7 +120,7 @@ def finished_run(
     """Whether `config.run_dir` holds a finished run of this config, to be kept rather than run again.
     A finished run of another config there is refused, naming the keys that differ: taking it for this
     one would report numbers of a run nobody asked for, and running over it would lose it. `ignored`:
-    keys the run's methods never read; the keys its strategy never reads are ignored too."""
+    keys the run's methods never read; the keys the run never reads (RunConfig.unread_keys) are ignored too."""
     run_dir = Path(config.run_dir)
     metrics = run_dir / "metrics.json"
     if not (metrics.exists() and read_json(metrics).get("status") in statuses):
@@ -124,7 +128,7 @@ def finished_run(
     recorded_path = run_dir / "config.json"
     recorded = read_json(recorded_path).get("run_config", {}) if recorded_path.exists() else {}
     wanted = config.to_flower()
-    ignored = {*ignored, *config.unread_strategy_keys}
+    ignored = {*ignored, *config.unread_keys}
     differing = [
         key
         for key, value in recorded.items()

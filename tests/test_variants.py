@@ -109,6 +109,18 @@ def test_a_finished_run_of_another_config_is_refused_not_taken_for_the_asked_one
     assert finished_run(config)
     with pytest.raises(ConfigError, match=r"server-learning-rate = 1.0 there, 0.01 asked"):
         finished_run(config.replace(strategy="fedavgm"))
+    # nor do DP's keys without noise, or the gate's without a gate
+    unread = {"noise-multiplier": 0.3, "dp-server-momentum": 0.5, "personal-holdout": 0.5}
+    atomic_write_json(tmp_path / "config.json", {"run_config": {**recorded, **unread}})
+    assert finished_run(config)
+    secagg = {**recorded, **unread, "privacy": "secagg"}
+    atomic_write_json(tmp_path / "config.json", {"run_config": secagg})
+    assert finished_run(config.replace(privacy="secagg"))
+    atomic_write_json(tmp_path / "config.json", {"run_config": {**recorded, **unread}})
+    with pytest.raises(ConfigError, match=r"noise-multiplier = 0.3 there, 1.0 asked"):
+        finished_run(config.replace(privacy="central-dp"))
+    with pytest.raises(ConfigError, match=r"personal-holdout = 0.5 there, 0.2 asked"):
+        finished_run(config.replace(personal_gate="choice"))
     # through a command: a clear error, and the run there is left as it was
     args = [
         "tune",
