@@ -127,6 +127,14 @@ class NodeUsers:
     policy: NodePolicy
 
 
+PARTITION_DIR = "partition-"  # a simulated node's state directory: partition-<id>
+
+
+def simulated_state_root(config: RunConfig, run_dir: str | Path) -> Path:
+    """Where the simulated nodes keep their state, each in its own partition-<id> directory."""
+    return Path(config.state_dir) if config.state_dir else Path(run_dir) / "clients"
+
+
 def node_users(config: RunConfig, node_config: dict, run_dir: str, policy: NodePolicy) -> NodeUsers:
     """The users this node hosts, from its node config (deployment) or its partition id (simulation)."""
     data_path = node_config.get("data-path")
@@ -141,8 +149,7 @@ def node_users(config: RunConfig, node_config: dict, run_dir: str, policy: NodeP
         dataset = load_run_dataset(config)
         pid = int(node_config.get("partition-id", 0))
         users = partition(dataset.users, pid, config.users_per_client)
-        root = Path(config.state_dir) if config.state_dir else Path(run_dir) / "clients"
-        state_dir = root / f"partition-{pid}"
+        state_dir = simulated_state_root(config, run_dir) / f"{PARTITION_DIR}{pid}"
     task = get_task(dataset.task)
     profiles = ProfileCache(state_dir / PROFILES)
     return NodeUsers(task, [UserContext(task, u, config, profiles) for u in users], state_dir, policy)

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from common.io import atomic_write_json, atomic_write_text, read_json
 from common.tasks import get_task
+from simulations.gates import users_keeping_shared
 from simulations.report import save_figure
 from simulations.statistics import RESAMPLES, Estimate, ratio, resample_weights, resampled, sampled_estimate
 
@@ -50,6 +51,7 @@ COLUMNS = (
     "gain_retained",
     "gain_retained_lo",
     "gain_retained_hi",
+    "users_keeping_shared",
     "shared_adapter",
     "params_per_client",
     "bytes_per_client_round",
@@ -175,8 +177,12 @@ def comparison_rows(reference: dict, runs: dict[str, dict], scores: Scores) -> l
             retained = None
             if zero_shot is not None and nonprivate.get(method) is not None:
                 retained = scores.gain_retained(value, nonprivate[method], zero_shot)
+            gate = metrics.get("gates", {}).get(method)
+            kept = f"{users_keeping_shared(gate)}/{gate['users']}" if gate else None
             rows.append(
-                run_info(label, metrics) | {"method": method} | _utility(scores.estimate(value), retained)
+                run_info(label, metrics)
+                | {"method": method, "users_keeping_shared": kept}
+                | _utility(scores.estimate(value), retained)
             )
     return [{column: row.get(column) for column in COLUMNS} for row in rows]
 
@@ -381,7 +387,7 @@ def console_table(rows: list[dict], task: str, metric: str) -> Table:
     )
     # The terminal's: enough to read the answer; table.csv has every column.
     shown = ["run", "method", "epsilon", "clients_per_round", "rounds", "noise", "utility", "gain_retained"]
-    shown.append("seconds_per_round")
+    shown += ["users_keeping_shared", "seconds_per_round"]
     for column in shown:
         table.add_column(
             column.replace("_", " "), justify="left" if column in ("run", "setting", "method") else "right"

@@ -23,6 +23,7 @@ from common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, 
 from common.tasks import get_task
 from simulations import behaviour_shift
 from simulations.figures import error_bars
+from simulations.gates import gate_line
 from simulations.statistics import GROUPS, Estimate, find_difference, history_groups, seed_spread, summarize
 
 ORDER = (
@@ -251,6 +252,8 @@ def write_report(run_dir: str | Path, console: Console | None = None) -> list[di
                 console.print(escape(line))
         if line := round_time_line(metrics):
             console.print(line)
+        for method, entry in metrics.get("gates", {}).items():
+            console.print(gate_line(method, entry))
         for line in failure_lines(metrics):
             console.print(f"[yellow]{escape(line)}[/]")
     return rows

@@ -14,6 +14,7 @@ from client.store import GateDecision, PersonalAdapterStore
 from common.adapters import AdapterSpec, AdapterSpecs, fresh_adapter_from_config, state_digest
 from common.config import load_run_config
 from server.checkpoints import CheckpointStore
+from simulations.gates import gate_decisions, gate_line
 
 IA3 = AdapterSpec(
     peft_type="ia3", target_modules=("q_proj", "v_proj", "down_proj"), feedforward_modules=("down_proj",)
@@ -304,3 +305,37 @@ def test_mixed_batches_answer_as_each_user_does_with_two_specs(tiny_model):
     resident.load(PERSONAL, None)
     resident.use(personal=False)
     assert not torch.allclose(mixed[0], _logits(resident, ids[:1])[0], atol=1e-3)  # the personal part counts
+
+
+def test_the_report_counts_the_gates_choices_from_every_nodes_manifest(tiny_model, tmp_path):
+    """A simulation holds every node's disk: how many users kept the shared adapter, at which weight,
+    and with a personal adapter; OPPU's original (gate "none") and unasked methods are not counted."""
+    resident = ResidentModel(*tiny_model, AdapterSpec())
+    state, config = resident.fresh(PERSONAL, 1), resident.specs.personal.peft_config()
+    choices = {
+        "partition-0": [("a", GateDecision("mix:x", 1.0)), ("b", GateDecision("mix:x", 0.0))],
+        "partition-1": [
+            ("c", GateDecision("mix:x", 0.5, uses_personal=False)),
+            ("d", GateDecision("mix:x", uses_personal=False, reason="short-history")),
+        ],
+    }
+    for node, users in choices.items():
+        store = PersonalAdapterStore(tmp_path / node)
+        for user, gate in users:
+            store.save("oppu", user, state, config, shared_digest="s", data_fingerprint=user, gate=gate)
+        store.save("local", "z", state, config, shared_digest="none", data_fingerprint="z")
+        store.save("oppu-rag", "z", state, config, shared_digest="s", data_fingerprint="z", gate=gate)
+    summary = gate_decisions(tmp_path, ["oppu", "local"])
+    assert summary == {
+        "oppu": {
+            "setting": "mix:x",
+            "users": 4,
+            "personal": 2,
+            "short_history": 1,
+            "shared_weight": {"0": 1, "0.5": 1, "1": 2},
+        }
+    }
+    assert gate_line("oppu", summary["oppu"]) == (
+        "oppu's gate (mix): of 4 users, 3 kept the shared adapter (weight 1: 2, weight 0.5: 1), "
+        "1 dropped it; 2 kept a personal adapter; 1 too short to hold any out"
+    )

@@ -118,9 +118,10 @@ def _run(methods: dict[str, int], setting: str = "none", epsilon: float | None =
 
 # zero-shot 4/40 = 0.1, local 0.6; without DP shared 0.5 and OPPU 0.8; at epsilon 4 shared 0.3, OPPU 0.7
 REFERENCE = _run({"zero-shot": 4, "local": 24})
+GATE = {"setting": "mix:x", "users": 20, "personal": 20, "shared_weight": {"0": 6, "1": 14}}
 RUNS = {
     "none": _run({"shared": 20, "oppu": 32}),
-    "central-dp-eps4": _run({"shared": 12, "oppu": 28}, "central-dp", 4.0),
+    "central-dp-eps4": _run({"shared": 12, "oppu": 28}, "central-dp", 4.0) | {"gates": {"oppu": GATE}},
     "secagg": _run({"shared": 20, "oppu": 32}, "secagg"),
 }
 
@@ -144,6 +145,8 @@ def test_zero_shot_and_local_are_reported_once_for_every_setting():
     assert {r["setting"] for r in rows[:2]} == {"(every setting)"}
     assert [r["utility"] for r in rows] == pytest.approx([0.1, 0.6, 0.5, 0.8, 0.3, 0.7, 0.5, 0.8])
     assert rows[4]["epsilon"] == 4.0 and rows[2]["epsilon"] is None and rows[4]["clients_per_round"] == 4
+    # the users whose own held-out history kept the shared adapter: where a gate decided (oppu under mix)
+    assert [r["users_keeping_shared"] for r in rows] == [None] * 5 + ["14/20", None, None]
 
 
 def test_the_share_of_the_non_private_gain_retained_with_intervals():
