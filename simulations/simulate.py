@@ -218,7 +218,12 @@ def run_centralized(config: RunConfig, nodes: int, engine: EngineOptions) -> Non
     users = len(load_run_dataset(config).users)
     central = centralized_config(config, users, nodes)
     central_dir = Path(central.run_dir)
-    console.print(f"[bold]centralized reference[/]: {users} users pooled on one node")
+    # Its size, before it starts: on 64 users pooled OPPU alone is each user's personal training in turn.
+    then = f", then pooled OPPU for {users} users one after another" if "oppu" in central.method_list else ""
+    console.print(
+        f"[bold]centralized reference[/]: {users} users pooled on one node, {central.num_rounds} rounds "
+        f"of {central.local_steps} steps{then}"
+    )
     recorded = central_dir / "metrics.json"
     if not (config.resume and recorded.exists() and read_json(recorded).get("status") == "complete"):
         run_federation(central, 1, engine)
