@@ -18,6 +18,7 @@ from common.io import atomic_write_json, read_json
 from common.loaders import load_run_dataset, num_partitions
 from common.methods import METHODS as METHOD_SPECS
 from common.precision import Precision, compute_precision
+from server.sampling import ClientSampling
 from simulations.engine import run_federation
 from simulations.engine_options import DEFAULT_ENGINE, EngineOptions
 from simulations.gates import gate_decisions
@@ -192,15 +193,20 @@ def centralized_methods(method_list: list[str]) -> list[str]:
 
 def centralized_config(config: RunConfig, users: int, nodes: int) -> RunConfig:
     """The reference: plain training of the shared adapter on every history pooled. Its one node
-    takes as many steps per round as the federation's nodes together, and the server keeps that
+    takes as many steps per round as the clients a round of the federation trains (on average, under
+    Poisson sampling), so both spend the same client steps, and the server keeps that
     node's adapter as it is (FedAvg of one node): a server optimizer (fedadam, fedavgm) or FedProx's
     pull towards the round's start would make it something other than plain training. It personalizes
     (`centralized`, pooled OPPU) only when the run asks for a method with a personal adapter on the
     shared one: a comparison of shared adapters alone skips the hours of per-user training."""
     personalized = "centralized" in centralized_methods(config.method_list)
+    per_round = ClientSampling.from_config(config, nodes).expected
     return config.replace(
         users_per_client=users,
-        local_steps=config.local_steps * nodes,
+        local_steps=max(1, round(config.local_steps * per_round)),
+        fraction_train=1.0,  # its one node, every round
+        clients_per_round=0,
+        sample_rate=0.0,
         strategy="fedavg",
         methods="shared,oppu" if personalized else "shared",
         run_dir=str(Path(config.run_dir) / "centralized"),

@@ -273,17 +273,16 @@ def test_seeds_repeat_the_run_and_report_the_spread(tiny_run, in_process, tmp_pa
 
 
 def test_the_centralized_reference_is_plain_training_whatever_the_server_optimizer(tmp_path):
-    """Pooled on one node with all nodes' steps per round; the server keeps that node's adapter, so a
+    """Pooled on one node with the steps of a round's clients; the server keeps that node's adapter, so a
     federation tuned to fedadam or fedavgm is compared with plain training, not with server Adam."""
-    config = load_run_config(
-        overrides=[
-            'strategy="fedadam"',
-            "server-learning-rate=0.05",
-            "local-steps=4",
-            'methods="zero-shot,shared,oppu-rag"',
-            f'run-dir="{tmp_path}"',
-        ]
-    )
+    overrides = [
+        'strategy="fedadam"',
+        "server-learning-rate=0.05",
+        "local-steps=4",
+        'methods="zero-shot,shared,oppu-rag"',
+        f'run-dir="{tmp_path}"',
+    ]
+    config = load_run_config(overrides=overrides)
     central = centralized_config(config, users=12, nodes=3)
     assert (central.strategy, central.local_steps, central.users_per_client) == ("fedavg", 12, 12)
     assert (central.min_nodes, central.methods, central.run_dir) == (
@@ -293,6 +292,11 @@ def test_the_centralized_reference_is_plain_training_whatever_the_server_optimiz
     )
     assert central.learning_rate == config.learning_rate and central.num_rounds == config.num_rounds
     assert central.max_update_norm == 0  # its update sums every node's steps: no honest-client bound
+    # The same client steps as a federation that samples: the round's clients' steps, on average.
+    for sampling, steps in (("clients-per-round=2", 8), ("sample-rate=0.5", 6), ("fraction-train=0.5", 8)):
+        sampled = centralized_config(load_run_config(overrides=[*overrides, sampling]), users=12, nodes=3)
+        assert sampled.local_steps == steps, sampling
+        assert (sampled.clients_per_round, sampled.sample_rate, sampled.fraction_train) == (0, 0, 1)
     # Without a personalized method on the shared adapter it trains the shared adapter alone.
     for methods in ("shared", "zero-shot,shared,local"):
         alone = centralized_config(config.replace(methods=methods), users=12, nodes=3)
