@@ -111,7 +111,7 @@ def simulate_command(args: argparse.Namespace) -> int:
 def tune_command(args: argparse.Namespace) -> int:
     from common.config import VALIDATION, ConfigError, load_run_config
     from simulations.simulate import centralized_methods, expand_methods, new_run_dir
-    from simulations.tuning import choose, grid
+    from simulations.tuning import carried_flags, choose, grid
 
     config = load_run_config(args.config, args.set, preset=args.preset)
     if config.split != VALIDATION:
@@ -134,7 +134,9 @@ def tune_command(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.results_dir, "tune")
     args.run_dir = str(run_dir)
     simulate_command(args)
-    choose(run_dir, args.variants, target, console)
+    varied = {key for keys in args.variants.values() for key in keys}
+    carried = carried_flags(args.methods, args.config, args.set or [], varied)
+    choose(run_dir, args.variants, target, console, carried)
     return 0
 
 

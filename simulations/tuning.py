@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,6 @@ from simulations.variants import compare_variants
 
 # Keys a tuning grid cannot vary: the split it is scored on, and where its runs go.
 _FIXED = ("split", "run-dir", "resume", "state-dir")
-# The default methods never run the centralized reference: its winner is scored with it asked for.
-_REFERENCE_METHODS = {
-    "centralized-shared": "--methods centralized ",
-    "centralized": "--methods oppu,centralized ",
-}
 
 
 def _text(value: Any) -> str:
@@ -68,9 +65,27 @@ def grid(varies: list[str]) -> dict[str, dict[str, Any]]:
     return combinations
 
 
-def choose(run_dir: Path, variants: dict[str, dict[str, Any]], target: str, console: Console) -> dict:
+def carried_flags(methods: str | None, config: str | None, sets: list[str], varied: set[str]) -> list[str]:
+    """The tune's own flags a test run of its winner needs (its methods, config file and the --set
+    keys it does not vary), shell-quoted: without them the printed command would score the winner on
+    other data or another layout."""
+    flags = [*(["--methods", methods] if methods else []), *(["--config", config] if config else [])]
+    for setting in sets:
+        if setting.split("=", 1)[0].strip() not in varied:
+            flags += ["--set", setting]
+    return [shlex.quote(flag) for flag in flags]
+
+
+def choose(
+    run_dir: Path,
+    variants: dict[str, dict[str, Any]],
+    target: str,
+    console: Console,
+    carried: Sequence[str] = (),
+) -> dict:
     """The best combination for `target`'s primary metric, every other one minus it (paired over users),
-    written to `<run_dir>/tune.json` and shown as a table."""
+    written to `<run_dir>/tune.json` and shown as a table, with the command that scores it on the test
+    queries (`carried`: the tune's own flags, carried_flags)."""
     runs = {name: read_json(run_dir / name / "metrics.json") for name in variants}
     first = next(iter(runs.values()))
     metric, higher = first["primary_metric"], first["higher_is_better"]
@@ -125,8 +140,7 @@ def choose(run_dir: Path, variants: dict[str, dict[str, Any]], target: str, cons
         f"best on validation: [bold]{best}[/]"
         + (f"; not told apart from it: {', '.join(tied)}" if tied else "")
         + "\nscore it on the test queries: fedoppu simulate "
-        + _REFERENCE_METHODS.get(target, "")
-        + " ".join(f"--set {setting}" for setting in result["set"]),
+        + " ".join([*carried, *(f"--set {shlex.quote(setting)}" for setting in result["set"])]),
         soft_wrap=True,  # a command to copy: never broken across lines
     )
     return result

@@ -88,6 +88,7 @@ def test_tune_runs_each_combination_on_the_validation_split_and_picks_the_best(t
     monkeypatch.setattr("simulations.simulate.simulate", fake_simulate)
     run_dir = tmp_path / "tune"
     args = ["tune", "--run-dir", str(run_dir), "--methods", "shared,oppu"]
+    args += ["--set", 'task=""', "--set", "lora-r=2"]  # the data's own task; lora-r is varied below
     args += ["--vary", "learning-rate=[0.001, 0.004]", "--vary", "lora-r=[4, 8]"]
     assert main(args) == 0
     assert [r[0] for r in ran] == ["validation"] * 4
@@ -99,7 +100,11 @@ def test_tune_runs_each_combination_on_the_validation_split_and_picks_the_best(t
     assert result["ranking"][1]["minus_best"]["value"] == pytest.approx(-1 / 8)
     out = capsys.readouterr().err  # fedoppu's console, like every progress line
     assert "best on validation: learning-rate=0.004+lora-r=8" in out
-    assert "fedoppu simulate --set learning-rate=0.004 --set lora-r=8" in out
+    # the tune's own flags go with it (quoted for a shell), the varied key's --set gives way to the winner
+    assert (
+        "fedoppu simulate --methods shared,oppu --set 'task=\"\"' --set learning-rate=0.004 --set lora-r=8"
+        in out
+    )
     assert (run_dir / "variants.png").stat().st_size > 0
 
     ran.clear()
