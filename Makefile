@@ -25,10 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# Three workers on two cores, a test file each (module fixtures stay in one process), the files of
-	# whole federations first (tests/conftest.py): they wait on timeouts and heartbeats as much as they
-	# compute (two workers kept the cores 47% busy; on an AVX2-only EPYC three took pytest 548 -> 441 s).
-	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder --durations=10
+	# Two workers, a test file each (module fixtures stay in one process), the files of whole
+	# federations first (tests/conftest.py): they wait on timeouts and heartbeats as much as they compute.
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench

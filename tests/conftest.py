@@ -227,7 +227,7 @@ def simulate_tiny(tiny_run: dict, overrides: dict, engine: EngineOptions, run_di
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Files marked `federation` first: `make test`'s workers take a file at a time in this order
+    """Files marked `federation` first: `make test`'s two workers take a file at a time in this order
     (--no-loadscope-reorder), so the few files that each run minutes of federations start at once
     instead of last, when pytest-xdist's default (most tests first) would leave one worker alone."""
     items.sort(key=lambda item: item.get_closest_marker("federation") is None)
