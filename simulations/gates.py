@@ -47,8 +47,8 @@ def users_keeping_shared(entry: dict) -> int:
 
 
 def gate_line(method: str, entry: dict) -> str:
-    """One line of the report: e.g. `oppu's gate (mix): of 200 users, 150 kept the shared adapter
-    (weight 1: 120, 0.5: 30), 50 dropped it; 180 kept a personal adapter; 12 too short to hold out`."""
+    """One line of the report: e.g. `oppu's gate (mix): of 200 users, 200 kept the shared adapter
+    (weight 1: 30, weight 0.5: 170), 0 dropped it; 158 kept a personal adapter` (epsilon 8)."""
     users, kept = entry["users"], users_keeping_shared(entry)
     weights = ", ".join(f"weight {w}: {n}" for w, n in reversed(entry["shared_weight"].items()) if w != "0")
     short = f"; {entry['short_history']} too short to hold any out" if entry["short_history"] else ""
