@@ -71,7 +71,7 @@ def carried_flags(methods: str | None, config: str | None, sets: list[str], vari
     other data or another layout."""
     flags = [*(["--methods", methods] if methods else []), *(["--config", config] if config else [])]
     for setting in sets:
-        if setting.split("=", 1)[0].strip() not in varied:
+        if parse_override(setting)[0] not in varied:
             flags += ["--set", setting]
     return [shlex.quote(flag) for flag in flags]
 
